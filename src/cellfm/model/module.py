@@ -1,0 +1,134 @@
+"""`CellFMModule`: the whole network on tensors (no AnnData, no files).
+
+    gene ids, values (B, L) -> gene table + value encoder -> [CLS] + tokens (B, L+1, D)
+    -> n_layers RetentionLayer (first half: hidden values and padding removed from the keys;
+       second half: only padding removed) -> CLS = cell embedding, tokens -> decoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cellfm.config import ModelConfig
+from cellfm.model.decoders import CellwiseDecoder, ValueDecoder
+from cellfm.model.retention import RetentionLayer
+from cellfm.model.value_encoder import ValueEncoder
+
+
+@dataclass
+class ModelOutput:
+    cell_emb: torch.Tensor  # (B, D) CLS output of the last layer
+    token_emb: torch.Tensor  # (B, L, D) last-layer gene tokens
+    gene_emb: torch.Tensor  # (B, L, D) gene-table rows of the tokens
+    gene_pred: torch.Tensor  # (B, L) gene-wise value prediction
+    cell_pred: torch.Tensor  # (B, L) cell-wise value prediction
+    gene_zero_prob: torch.Tensor | None = None  # (B, L) only with add_zero
+    cell_zero_prob: torch.Tensor | None = None
+
+
+class CellFMModule(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.gene_emb = nn.Parameter(torch.empty(c.gene_table_rows, c.d_model))
+        self.cls_token = nn.Parameter(torch.empty(1, 1, c.d_model))
+        self.zero_emb = nn.Parameter(torch.zeros(1, 1, c.d_model))
+        self.value_enc = ValueEncoder(c.d_model, c.value_bins)
+        self.encoder = nn.ModuleList(
+            RetentionLayer(
+                c.d_model, c.n_heads, c.residual_alpha, c.dropout * i / c.n_layers,
+                c.lora_rank, c.layer_norm_eps,
+            )
+            for i in range(c.n_layers)
+        )
+        self.value_dec = ValueDecoder(c.d_model, zero_head=c.add_zero)
+        self.cellwise_dec = CellwiseDecoder(c.d_model, zero_head=c.add_zero)
+        self.activation_checkpointing = False
+        if self.gene_emb.device.type != "meta":
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official init: Xavier-normal(0.5) tables, Xavier gain (8 n_layers)^-1/4 on v, u, o."""
+        nn.init.xavier_normal_(self.gene_emb, gain=0.5)
+        self.gene_emb[0].zero_()
+        nn.init.xavier_normal_(self.cls_token.view(1, -1), gain=0.5)
+        beta = (8 * self.config.n_layers) ** -0.25
+        for layer in self.encoder:
+            a, f = layer.attn, layer.ffn
+            for lin, gain in [(a.q_proj, 1.0), (a.k_proj, 1.0), (a.v_proj, beta), (a.u_proj, beta),
+                              (a.o_proj, beta), (f.u_proj, beta), (f.v_proj, beta), (f.o_proj, beta)]:
+                nn.init.xavier_normal_(lin.weight, gain=gain)
+
+    def encode(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        token_mask: torch.Tensor,
+        hidden_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns the last layer's states (B, L+1, D) with CLS first, and gene_emb (B, L, D)."""
+        B, L = gene_ids.shape
+        c = self.config
+        gene_emb = self.gene_emb[gene_ids]  # (B, L, D)
+        x = self.value_enc(values, hidden_mask)  # (B, L, D)
+        tokens = token_mask.to(x.dtype)  # (B, L)
+        visible = tokens if hidden_mask is None else tokens * (~hidden_mask).to(x.dtype)
+        if not c.pad_zero:
+            # official pad_zero=False: unmasked zero-valued tokens take the learned zero embedding
+            zero = ((values == 0) & token_mask).unsqueeze(-1).to(x.dtype) * visible.unsqueeze(-1)
+            x = zero * self.zero_emb + (1 - zero) * x
+        x = gene_emb + x
+        x = torch.cat([self.cls_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, T=L+1, D)
+        ones = tokens.new_ones(B, 1)
+        keep = torch.cat([ones, tokens], dim=1)  # (B, T) real tokens incl. CLS
+        if c.pad_zero:
+            x = x * keep.unsqueeze(-1)
+        # V is scaled by 1/sqrt(number of expressed genes) (official: rsqrt(sum(zero_idx) - 1))
+        len_scale = torch.rsqrt(tokens.sum(1).clamp_min(1.0))  # (B,)
+        first_keys = torch.cat([ones, visible], dim=1)
+        for i, layer in enumerate(self.encoder):
+            key_mask = first_keys if i < c.n_layers // 2 else keep
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, key_mask, len_scale, use_reentrant=False
+                )
+            else:
+                x = layer(x, key_mask, len_scale)
+        return x, gene_emb
+
+    def forward(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        token_mask: torch.Tensor,
+        hidden_mask: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        states, gene_emb = self.encode(gene_ids, values, token_mask, hidden_mask)
+        cell_emb, token_emb = states[:, 0], states[:, 1:]
+        gene_pred, gene_zero = self.value_dec(token_emb)
+        cell_pred, cell_zero = self.cellwise_dec(cell_emb, gene_emb)
+        return ModelOutput(cell_emb, token_emb, gene_emb, gene_pred, cell_pred, gene_zero, cell_zero)
+
+    def merge_lora(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "merge_lora") and m is not self:
+                m.merge_lora()
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def approx_flops_per_token(config: ModelConfig) -> float:
+    """Forward FLOPs per token: 8 d^2 projections + 2 * 2 d * hd retention per layer, ~2 MACs."""
+    d, hd = config.d_model, config.head_dim
+    per_layer = 2 * 8 * d * d + 2 * 2 * d * hd
+    heads = 2 * (2 * d * d) + 2 * d * config.value_bins
+    return config.n_layers * per_layer + heads + 2 * config.value_bins * (config.value_bins + d)
+
+
+__all__ = ["CellFMModule", "ModelOutput", "approx_flops_per_token"]

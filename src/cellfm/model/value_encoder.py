@@ -1,0 +1,31 @@
+"""Value encoder: a scalar expression value -> a d-dimensional embedding by soft binning.
+
+Official "ValueEncoder"/"FFN": v -> Linear(1, bins) -> LeakyReLU -> w3(h) + a * h -> softmax over
+the bins -> Linear(bins, d). Hidden (masked) values use a learned `mask_emb` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ValueEncoder(nn.Module):
+    def __init__(self, d_model: int, bins: int = 256) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(1, bins, bias=False)
+        self.w3 = nn.Linear(bins, bins, bias=False)
+        self.a = nn.Parameter(torch.zeros(1, 1))  # learned skip weight, starts at 0
+        self.table = nn.Linear(bins, d_model, bias=False)
+        self.mask_emb = nn.Parameter(torch.zeros(1, 1, d_model))
+
+    def forward(self, values: torch.Tensor, hidden_mask: torch.Tensor | None = None) -> torch.Tensor:
+        # values (B, L) -> (B, L, D)
+        h = F.leaky_relu(self.w1(values.unsqueeze(-1)), 0.01)  # (B, L, bins)
+        h = torch.softmax(self.w3(h) + h * self.a, dim=-1)
+        emb = self.table(h)  # (B, L, D)
+        if hidden_mask is not None:
+            keep = (~hidden_mask).unsqueeze(-1).to(emb.dtype)  # (B, L, 1)
+            emb = emb * keep + self.mask_emb * (1 - keep)
+        return emb
