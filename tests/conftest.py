@@ -1,0 +1,30 @@
+"""Shared test fixtures.
+
+Real data lives in `shared/data` beside the checkout (CI has it there); set CELLFM_DATA_DIR to
+point elsewhere. Tests that need it skip with the reason when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    env = os.environ.get("CELLFM_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(
+            f"real data folder {path} not found: put the shared/data folder beside the checkout "
+            "or set CELLFM_DATA_DIR (see README, 'Test data')"
+        )
+    return path
