@@ -1,0 +1,51 @@
+"""The `cellfm` command line: a thin typer layer over the Python API.
+
+Each command group lives in its own module; heavy imports (torch, anndata) happen inside the
+command functions so that `cellfm --help` starts fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="cellfm",
+    help="CellFM single-cell foundation model: embeddings, corpus building, pretraining and tasks.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.command()
+def info() -> None:
+    """Show the version, the presets and the built-in models."""
+    from cellfm import __version__
+    from cellfm.cellfm import PRETRAINED_DIR
+    from cellfm.config import PRESETS
+
+    typer.echo(f"cellfm {__version__}")
+    for name, preset in PRESETS.items():
+        c = preset.config
+        typer.echo(f"  preset {name:6s} d={c.d_model:5d} layers={c.n_layers:3d} heads={c.n_heads:3d} "
+                   f"genes={c.n_genes}  {preset.description}")
+    for d in sorted(PRETRAINED_DIR.glob("*/config.json")):
+        typer.echo(f"  built-in model {d.parent.name}")
+
+
+def _register() -> None:
+    from cellfm.cli import convert, corpus, demo, embed, pretrain, tasks
+
+    app.command("demo")(demo.demo)
+
+    app.command("embed")(embed.embed)
+    app.command("convert")(convert.convert)
+    app.add_typer(corpus.app, name="corpus", help="Build and inspect pretraining corpora.")
+    app.command("pretrain")(pretrain.pretrain)
+    app.add_typer(tasks.annotate_app, name="annotate", help="Cell type annotation.")
+    for name in ("integrate", "perturb", "gene_function", "gene_network", "evaluate"):
+        app.command(name.replace("_", "-"))(getattr(tasks, name))
+
+
+def main() -> None:
+    _register()
+    app()
