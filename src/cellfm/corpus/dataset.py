@@ -1,0 +1,273 @@
+"""`CorpusDataset`: streams tokenized, masked `CellBatch`es from a corpus folder for pretraining.
+
+Never loads a shard: shards are memory-mapped and each batch reads only its rows. The epoch plan
+(`epoch_plan`) fixes which cells go into which batch on which rank; DataLoader workers take the
+rank's batches round-robin, which is the order the DataLoader returns them in, so the stream is
+the same for any number of workers. Each cell's random generator comes from (seed, epoch, global
+cell index), so its 2048-gene sample and its mask do not depend on workers or ranks either.
+
+Tokenization follows the official pretraining (`cellfm.tokenizer`): value = log1p(count / total
+* 1e4) with total = the cell's sum of stored (library-scaled) counts; cells with more than
+`max_genes` expressed genes are sampled by `tokenize_cell`; masks come from `mask_values`.
+The value computation is vectorised over the batch (cells that need no sampling use no
+randomness, and the test suite checks the batch equals the per-cell functions); `mask_values`
+runs per cell with its own generator.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from cellfm.batch import CellBatch
+from cellfm.corpus.epoch_plan import (
+    batch_bounds,
+    cell_states,
+    rows_order,
+    set_pcg_state,
+    shard_order,
+)
+from cellfm.corpus.manifest import CorpusManifest
+from cellfm.corpus.shards import ShardReader
+
+_OPEN_SHARDS = 8  # memory maps kept open per worker
+
+
+class CorpusDataset(IterableDataset):
+    """Pretraining batches from a corpus built by `build_corpus`.
+
+    Parameters
+    ----------
+    corpus_dir
+        Folder with `manifest.json` and the shards.
+    seed, epoch
+        The epoch's cell order and every cell's random draws are functions of these.
+    rank, world_size
+        This process's share: every rank gets the same number of batches (see `epoch_plan`).
+    batch_size
+        Cells per batch (with ``tail="even"`` a batch may hold one cell fewer).
+    max_genes, mask_ratio, hide_fraction
+        Official pretraining values: at most 2048 expressed genes per cell; 20 % of them in the
+        loss, 80 % of those hidden from the encoder.
+    split, val_fraction
+        ``"train"`` / ``"val"``: a deterministic held-out split by a hash of (source file, cell id)
+        stored in the shards; a cell is in ``"val"`` when hash / 2**64 < val_fraction.
+        ``"all"`` ignores the split.
+    mask
+        False: no pretraining masks (hidden_mask / loss_mask are None), e.g. for evaluation.
+    tail
+        ``"even"`` or ``"drop"``, see `epoch_plan`.
+
+    Use ``batch_size=None`` in the DataLoader (batches are built here), or `CorpusLoader`, which
+    also tracks the position for `state_dict`. `len()` is the number of batches this rank still
+    yields in the current epoch.
+
+    Examples
+    --------
+    >>> ds = CorpusDataset("corpus/", seed=0, epoch=0, rank=0, world_size=1, batch_size=64)  # doctest: +SKIP
+    >>> batch = next(iter(ds))  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        *,
+        seed: int = 0,
+        epoch: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 32,
+        max_genes: int = 2048,
+        mask_ratio: float = 0.2,
+        hide_fraction: float = 0.8,
+        split: str = "all",
+        val_fraction: float = 0.0,
+        mask: bool = True,
+        tail: str = "even",
+    ) -> None:
+        super().__init__()
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, {world_size})")
+        if split not in ("all", "train", "val"):
+            raise ValueError(f"split must be all, train or val, not {split!r}")
+        self.dir = Path(corpus_dir)
+        self.manifest = CorpusManifest.load(self.dir)
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.batch_size, self.max_genes, self.tail = batch_size, max_genes, tail
+        self.mask_ratio, self.hide_fraction, self.mask = mask_ratio, hide_fraction, mask
+        self.split, self.val_fraction = split, val_fraction
+        self.files = [self.dir / s.file for s in self.manifest.shards]
+        sizes = np.array([s.n_cells for s in self.manifest.shards], np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global cell index of row 0
+        # rows of each shard taking part (None = all), for the held-out split
+        self.selected: list[np.ndarray | None] = [None] * len(self.files)
+        if split != "all":
+            limit = np.uint64(min(int(val_fraction * 2**64), 2**64 - 1))
+            for i, f in enumerate(self.files):
+                h = ShardReader(f).column("split_hash").to_numpy()
+                in_val = h < limit
+                self.selected[i] = np.flatnonzero(in_val if split == "val" else ~in_val)
+            sizes = np.array([len(s) for s in self.selected], np.int64)
+        self.sizes = sizes  # (n_shards,) cells taking part per shard
+        self.start_batch = 0
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._perm_cache: tuple[int, int, np.ndarray] | None = None
+
+    # ---- position -------------------------------------------------------------------------
+    @property
+    def n_cells(self) -> int:
+        return int(self.sizes.sum())
+
+    @property
+    def batches_per_rank(self) -> int:
+        return (len(batch_bounds(self.n_cells, self.world_size, self.batch_size, self.tail)) - 1) \
+            // self.world_size
+
+    def __len__(self) -> int:
+        return self.batches_per_rank - self.start_batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its beginning (resets a resumed position)."""
+        self.epoch, self.start_batch = epoch, 0
+
+    def state_dict(self, batches_consumed: int | None = None) -> dict:
+        """The position to resume from: epoch and batches of this rank already consumed."""
+        return {"epoch": self.epoch, "batches_consumed": self.start_batch if batches_consumed is None
+                else batches_consumed, "seed": self.seed, "world_size": self.world_size,
+                "batch_size": self.batch_size, "n_cells": self.n_cells}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "world_size", "batch_size", "n_cells"):
+            if k in state and state[k] != getattr(self, k):
+                raise ValueError(f"cannot resume: {k}={state[k]} in the state, {getattr(self, k)} here")
+        self.epoch, self.start_batch = int(state["epoch"]), int(state["batches_consumed"])
+
+    # ---- iteration ------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        bounds = batch_bounds(self.n_cells, self.world_size, self.batch_size, self.tail)
+        order = shard_order(self.seed, self.epoch, len(self.files))
+        stream_ends = np.cumsum(self.sizes[order])  # (n_shards,) end of each shard in the stream
+        for i in range(self.start_batch + wid, self.batches_per_rank, nw):
+            k = i * self.world_size + self.rank
+            yield self.make_batch(int(bounds[k]), int(bounds[k + 1]), order, stream_ends)
+
+    def cells_at(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray
+                 ) -> list[tuple[int, np.ndarray]]:
+        """Stream positions [a, b) -> [(shard, rows)], in stream order."""
+        out = []
+        j = int(np.searchsorted(stream_ends, a, side="right"))
+        while a < b:
+            shard = int(order[j])
+            begin = int(stream_ends[j] - self.sizes[shard])
+            stop = min(b, int(stream_ends[j]))
+            perm = self._rows_perm(shard)
+            rows = perm[a - begin : stop - begin]
+            sel = self.selected[shard]
+            out.append((shard, rows if sel is None else sel[rows]))
+            a, j = stop, j + 1
+        return out
+
+    def _rows_perm(self, shard: int) -> np.ndarray:
+        c = self._perm_cache
+        if c is None or c[0] != shard or c[1] != self.epoch:
+            c = (shard, self.epoch, rows_order(self.seed, self.epoch, shard, int(self.sizes[shard])))
+            self._perm_cache = c
+        return c[2]
+
+    def _reader(self, shard: int) -> ShardReader:
+        r = self._readers.get(shard)
+        if r is None:
+            r = ShardReader(self.files[shard])
+            self._readers[shard] = r
+            if len(self._readers) > _OPEN_SHARDS:
+                self._readers.popitem(last=False)
+        else:
+            self._readers.move_to_end(shard)
+        return r
+
+    def read_cells(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray):
+        """Stream positions [a, b) -> (global cell index (n,), indptr (n+1,), gene_ids, counts)."""
+        parts = [(self.offsets[s] + rows, *self._reader(s).take(rows))
+                 for s, rows in self.cells_at(a, b, order, stream_ends)]
+        if len(parts) == 1:
+            return parts[0]
+        idx = np.concatenate([p[0] for p in parts])
+        lens = np.concatenate([np.diff(p[1]) for p in parts])
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        return idx, indptr, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+
+    def make_batch(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray) -> CellBatch:
+        cell_index, indptr, gene_ids, counts = self.read_cells(a, b, order, stream_ends)
+        return tokenize_batch(cell_index, indptr, gene_ids, counts, seed=self.seed, epoch=self.epoch,
+                              max_genes=self.max_genes, mask=self.mask, mask_ratio=self.mask_ratio,
+                              hide_fraction=self.hide_fraction)
+
+
+def tokenize_batch(
+    cell_index: np.ndarray,
+    indptr: np.ndarray,
+    gene_ids: np.ndarray,
+    counts: np.ndarray,
+    *,
+    seed: int,
+    epoch: int,
+    max_genes: int = 2048,
+    mask: bool = True,
+    mask_ratio: float = 0.2,
+    hide_fraction: float = 0.8,
+) -> CellBatch:
+    """Flat cells (CSR-like) -> CellBatch, as `tokenize_cell` + `mask_values` per cell with the
+    generator `cell_generator(seed, epoch, cell_index[i])`, then padding to the longest cell."""
+    from cellfm.tokenizer import mask_values, tokenize_cell
+
+    n = len(cell_index)
+    lens = np.diff(indptr)  # (n,)
+    counts = counts.astype(np.float64)
+    totals = np.add.reduceat(counts, indptr[:-1]) if len(counts) else np.zeros(n)  # (n,)
+    totals[lens == 0] = 0.0
+    bitgen = np.random.PCG64()
+    rng = np.random.Generator(bitgen)
+    states = cell_states(seed, epoch, cell_index)
+    is_long = lens > max_genes
+    out_lens = np.minimum(lens, max_genes)
+    L = int(out_lens.max()) if n else 0
+    ids_t = np.zeros((n, L), np.int64)  # (B, L)
+    val_t = np.zeros((n, L), np.float32)  # (B, L)
+    # cells that fit: values for the whole batch at once
+    fit = lens <= max_genes
+    pos = np.arange(len(counts)) - np.repeat(indptr[:-1], lens)  # position of each value in its cell
+    row = np.repeat(np.arange(n), lens)
+    flat_fit = np.repeat(fit, lens)
+    r, p = row[flat_fit], pos[flat_fit]
+    ids_t[r, p] = gene_ids[flat_fit]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        val_t[r, p] = np.log1p(counts[flat_fit] / np.repeat(totals, lens)[flat_fit] * 1e4).astype(np.float32)
+    hidden = np.zeros((n, L), bool) if mask else None
+    loss = np.zeros((n, L), bool) if mask else None
+    for i in range(n) if (mask or is_long.any()) else ():
+        set_pcg_state(bitgen, states[i])
+        if is_long[i]:  # more expressed genes than max_genes: the official log1p-weighted sample
+            s, e = indptr[i], indptr[i + 1]
+            ids, vals = tokenize_cell(gene_ids[s:e].astype(np.int64), counts[s:e], totals[i],
+                                      max_genes=max_genes, rng=rng)
+            ids_t[i, : len(ids)] = np.asarray(ids)
+            val_t[i, : len(vals)] = np.asarray(vals)
+        if mask:
+            h, lo = mask_values(int(out_lens[i]), rng, mask_ratio=mask_ratio, hide_fraction=hide_fraction)
+            hidden[i, : out_lens[i]] = np.asarray(h)
+            loss[i, : out_lens[i]] = np.asarray(lo)
+    token_mask = np.arange(L)[None, :] < out_lens[:, None]
+    return CellBatch(
+        gene_ids=torch.from_numpy(ids_t),
+        values=torch.from_numpy(val_t),
+        token_mask=torch.from_numpy(token_mask),
+        hidden_mask=None if hidden is None else torch.from_numpy(hidden),
+        loss_mask=None if loss is None else torch.from_numpy(loss),
+        cell_index=torch.from_numpy(np.asarray(cell_index, np.int64)),
+    )

@@ -1,0 +1,55 @@
+"""The corpus builder's three needs from `cellfm.vocab`, in one place: load a vocabulary by name,
+map identifiers to token ids (0 = not in the vocabulary), and describe it (name, size, hash) for
+the manifest. Gene mapping itself lives in `cellfm.vocab`; nothing here second-guesses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+
+def load_vocabulary(vocab: object) -> object:
+    """A vocabulary object from a built-in name (or the object itself)."""
+    if not isinstance(vocab, str):
+        return vocab
+    return _load_named(vocab)
+
+
+@lru_cache(maxsize=4)
+def _load_named(name: str) -> object:
+    from cellfm.vocab import GeneVocabulary
+
+    for ctor in ("load", "from_name", "builtin"):
+        if hasattr(GeneVocabulary, ctor):
+            return getattr(GeneVocabulary, ctor)(name)
+    raise AttributeError("cellfm.vocab.GeneVocabulary has no constructor from a name")
+
+
+def token_ids_for(names: Sequence[str], vocabulary: object) -> np.ndarray:
+    """(n,) int64 token id per identifier, 0 where it is not in the vocabulary."""
+    from cellfm.vocab import map_genes
+
+    mapping = map_genes(np.asarray([str(n) for n in names], dtype=object), vocabulary)
+    for attr in ("token_ids", "ids", "gene_ids"):
+        if hasattr(mapping, attr):
+            return np.asarray(getattr(mapping, attr), dtype=np.int64)
+    return np.asarray(mapping, dtype=np.int64)
+
+
+def vocabulary_genes(vocabulary: object) -> list[str]:
+    for attr in ("genes", "symbols", "gene_names"):
+        if hasattr(vocabulary, attr):
+            return [str(g) for g in getattr(vocabulary, attr)]
+    raise AttributeError(f"{type(vocabulary).__name__} lists no genes")
+
+
+def describe_vocabulary(vocabulary: object) -> dict:
+    """{"name", "n_genes", "sha256"}; the hash covers the gene list in token order, so two corpora
+    (or a corpus and a model) agree on ids exactly when their hashes agree."""
+    genes = vocabulary_genes(vocabulary)
+    digest = hashlib.sha256("\n".join(genes).encode()).hexdigest()
+    return {"name": str(getattr(vocabulary, "name", "custom")), "n_genes": len(genes), "sha256": digest}
