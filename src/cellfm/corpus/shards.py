@@ -212,26 +212,23 @@ class ShardReader:
         """Cells `rows` (in that order) -> (indptr (n+1,) int64, gene_ids (nnz,) uint16,
         counts (nnz,) uint32)."""
         rows = np.asarray(rows, np.int64)
-        which = np.searchsorted(self._starts, rows, side="right") - 1  # record batch of each row
+        which = np.searchsorted(self._starts, rows, side="right") - 1  # (n,) record batch per row
+        local = rows - self._starts[which]
+        ids, cnts = [], []
         lengths = np.empty(len(rows), np.int64)
-        begins = np.empty(len(rows), np.int64)
-        for b in np.unique(which):
-            sel = which == b
-            local = rows[sel] - self._starts[b]
+        # one slice per cell: copying contiguous runs beats any fancy-index gather here
+        for k, (b, r) in enumerate(zip(which.tolist(), local.tolist(), strict=True)):
             off = self._offsets[b]
-            begins[sel] = off[local]
-            lengths[sel] = off[local + 1] - off[local]
+            s, e = off[r], off[r + 1]
+            lengths[k] = e - s
+            ids.append(self._ids[b][s:e])
+            cnts.append(self._counts[b][s:e])
         indptr = np.zeros(len(rows) + 1, np.int64)
         np.cumsum(lengths, out=indptr[1:])
-        nnz = int(indptr[-1])
-        gene_ids = np.empty(nnz, GENE_ID_DTYPE)
-        counts = np.empty(nnz, COUNT_DTYPE)
-        for b in np.unique(which):
-            sel = np.flatnonzero(which == b)
-            src = concat_ranges(begins[sel], lengths[sel])
-            dst = concat_ranges(indptr[sel], lengths[sel])
-            gene_ids[dst] = self._ids[b][src]
-            counts[dst] = self._counts[b][src]
+        if not ids:
+            return indptr, np.zeros(0, GENE_ID_DTYPE), np.zeros(0, COUNT_DTYPE)
+        gene_ids = np.concatenate(ids)
+        counts = np.concatenate(cnts)
         return indptr, gene_ids, counts
 
     def column(self, name: str) -> pa.ChunkedArray:

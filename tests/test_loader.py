@@ -1,0 +1,149 @@
+"""CorpusDataset / CorpusLoader: exact coverage per epoch across ranks and workers, reproducible
+shuffling, exact mid-epoch resume, held-out split, and equality with the per-cell tokenizer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("cellfm.tokenizer", reason="cellfm.tokenizer not available yet")
+tokenizer = pytest.importorskip("cellfm.tokenizer")
+if not all(hasattr(tokenizer, f) for f in ("tokenize_cell", "mask_values")):
+    pytest.skip("cellfm.tokenizer lacks tokenize_cell / mask_values", allow_module_level=True)
+
+from cellfm.corpus import CorpusDataset, CorpusLoader, CorpusManifest, ShardInfo, cell_generator  # noqa: E402
+from cellfm.corpus.shards import CellRows, ShardWriter  # noqa: E402
+
+N_CELLS = 523  # not a multiple of any batch size used below
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """Three shards of uneven sizes; some cells longer than max_genes=64 (sampling path)."""
+    out = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    shards = []
+    start = 0
+    for k, n in enumerate((200, 123, 200)):
+        w = ShardWriter(out, f"s{k}", shard_cells=10_000)
+        lens = rng.integers(5, 90, n)
+        indptr = np.concatenate([[0], np.cumsum(lens)])
+        ids = np.concatenate([np.sort(rng.choice(np.arange(1, 2000), m, replace=False)) for m in lens])
+        counts = rng.geometric(0.3, int(indptr[-1])).astype(np.uint32)
+        counts[::97] = 150  # a few counts above the value table
+        cells = [f"cell{start + i}" for i in range(n)]
+        w.write(CellRows(indptr=indptr, gene_ids=ids.astype(np.uint16), counts=counts, cell_id=cells,
+                         source_row=np.arange(n), batch=["b"] * n, labels=[{"t": "x"}] * n,
+                         raw_total=np.zeros(n, np.float32), source=f"src{k}"))
+        shards += [ShardInfo(f, c, h, f"src{k}") for f, c, h in w.close()]
+        start += n
+    CorpusManifest(vocabulary={"name": "test", "n_genes": 2000, "sha256": ""},
+                   filters={"min_genes": 0, "max_genes": None}, shards=shards).save(out)
+    return out
+
+
+def _ds(corpus, **kw):
+    args = dict(seed=3, epoch=0, rank=0, world_size=1, batch_size=16, max_genes=64)
+    args.update(kw)
+    return CorpusDataset(corpus, **args)
+
+
+def _stream(corpus, num_workers=0, **kw):
+    return list(CorpusLoader(_ds(corpus, **kw), num_workers=num_workers))
+
+
+def _index(batches):
+    return torch.cat([b.cell_index for b in batches]).tolist()
+
+
+def _same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for f in ("gene_ids", "values", "token_mask", "hidden_mask", "loss_mask", "cell_index"):
+            assert torch.equal(getattr(x, f), getattr(y, f)), f
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_every_cell_once_per_epoch(corpus, world_size, num_workers):
+    per_rank = [_stream(corpus, num_workers, rank=r, world_size=world_size) for r in range(world_size)]
+    assert len({len(s) for s in per_rank}) == 1  # equal number of batches per rank (DDP)
+    seen = [i for s in per_rank for i in _index(s)]
+    assert sorted(seen) == list(range(N_CELLS))
+    sizes = {len(b) for s in per_rank for b in s}
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 16
+
+
+def test_stream_independent_of_workers(corpus):
+    _same(_stream(corpus, 0), _stream(corpus, 2))
+
+
+def test_tail_drop_gives_full_batches(corpus):
+    s = _stream(corpus, 0, tail="drop", world_size=2, rank=1)
+    assert len(s) == N_CELLS // 32 and all(len(b) == 16 for b in s)
+
+
+def test_shuffle_per_epoch_and_seed(corpus):
+    e0, e0_again = _index(_stream(corpus, epoch=0)), _index(_stream(corpus, epoch=0))
+    e1, other_seed = _index(_stream(corpus, epoch=1)), _index(_stream(corpus, seed=4))
+    assert e0 == e0_again
+    assert e0 != e1 and sorted(e0) == sorted(e1)
+    assert e0 != other_seed
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_mid_epoch_equals_tail(corpus, num_workers):
+    full = _stream(corpus, num_workers, world_size=2, rank=1, epoch=2)
+    loader = CorpusLoader(_ds(corpus, world_size=2, rank=1, epoch=2), num_workers=num_workers)
+    it = iter(loader)
+    head = [next(it) for _ in range(5)]
+    state = loader.state_dict()
+    del it
+    assert state["epoch"] == 2 and state["batches_consumed"] == 5
+    resumed = CorpusLoader(_ds(corpus, world_size=2, rank=1), num_workers=num_workers)
+    resumed.load_state_dict(state)
+    assert len(resumed) == len(full) - 5
+    _same(head + list(resumed), full)
+
+
+def test_batch_equals_per_cell_tokenizer(corpus):
+    """The vectorised batch is what tokenize_cell + mask_values give per cell (incl. sampling)."""
+    from cellfm.corpus.shards import ShardReader
+
+    m = CorpusManifest.load(corpus)
+    rows = {}
+    g = 0
+    for s in m.shards:
+        r = ShardReader(corpus / s.file)
+        indptr, ids, counts = r.take(np.arange(len(r)))
+        for i in range(len(r)):
+            rows[g + i] = (ids[indptr[i]:indptr[i + 1]], counts[indptr[i]:indptr[i + 1]])
+        g += len(r)
+    for b in _stream(corpus, epoch=1)[:6]:
+        for j, ci in enumerate(b.cell_index.tolist()):
+            gid, cnt = rows[ci]
+            rng = cell_generator(3, 1, ci)
+            ids, vals = tokenizer.tokenize_cell(gid.astype(np.int64), cnt.astype(np.float64),
+                                                float(cnt.sum()), max_genes=64, rng=rng)
+            hidden, loss = tokenizer.mask_values(len(ids), rng, mask_ratio=0.2, hide_fraction=0.8)
+            n = len(ids)
+            assert int(b.token_mask[j].sum()) == n
+            np.testing.assert_array_equal(b.gene_ids[j, :n].numpy(), np.asarray(ids))
+            np.testing.assert_array_equal(b.values[j, :n].numpy(), np.asarray(vals, np.float32))
+            np.testing.assert_array_equal(b.hidden_mask[j, :n].numpy(), np.asarray(hidden))
+            np.testing.assert_array_equal(b.loss_mask[j, :n].numpy(), np.asarray(loss))
+            assert not b.values[j, n:].any() and not b.gene_ids[j, n:].any()
+
+
+def test_heldout_split_is_deterministic_and_disjoint(corpus):
+    train = _index(_stream(corpus, split="train", val_fraction=0.2))
+    val = _index(_stream(corpus, split="val", val_fraction=0.2))
+    assert sorted(train + val) == list(range(N_CELLS))
+    assert 0.1 < len(val) / N_CELLS < 0.3
+    assert sorted(val) == sorted(_index(_stream(corpus, split="val", val_fraction=0.2, seed=9, epoch=4)))
+
+
+def test_unmasked_mode(corpus):
+    b = next(iter(_ds(corpus, mask=False)))
+    assert b.hidden_mask is None and b.loss_mask is None
