@@ -170,7 +170,7 @@ def _process_input(path: Path, out: Path, opts: BuildOptions) -> dict:
     """Build the shards of one input. Never raises: failures become a 'skipped' report row."""
     report = _empty_report(path)
     stat = _stat(path) if path.exists() else (0, 0)
-    writer = ShardWriter(out, _shard_prefix(path), opts.shard_cells)
+    writer = ShardWriter(out, _shard_prefix(path), opts.shard_cells, source=str(path))
     try:
         _build_one(path, opts, writer, report)
         shards = writer.close()

@@ -22,6 +22,12 @@ import scipy.sparse as sp
 from cellfm.corpus.input_checks import looks_like_raw_counts
 
 ChunkIter = Callable[[int], Iterator[tuple[int, sp.csr_matrix]]]
+DENSE_CHUNK_VALUES = 16_000_000  # dense blocks (loom, dense X, text) are cut to at most this many values
+
+
+def _dense_rows(size: int, n_cols: int) -> int:
+    """Rows per chunk for a dense source: `size`, but at most ~64 MB of float32 at a time."""
+    return max(1, min(size, DENSE_CHUNK_VALUES // max(1, n_cols)))
 
 
 @dataclass
@@ -101,8 +107,9 @@ def _h5ad_matrix(path: Path, key: str, n_cols: int) -> ChunkIter:
             def dense(size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
                 with h5py.File(path, "r") as f2:
                     d = f2[key]
-                    for a in range(0, d.shape[0], size):
-                        yield a, sp.csr_matrix(d[a : a + size])
+                    step = _dense_rows(size, d.shape[1])
+                    for a in range(0, d.shape[0], step):
+                        yield a, sp.csr_matrix(d[a : a + step])
             return dense
         enc = node.attrs.get("encoding-type", "")
     if enc == "csr_matrix":
@@ -221,8 +228,9 @@ def read_loom(path: Path) -> CountSource:
     def chunks(size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         with h5py.File(path, "r") as f2:
             m = f2["matrix"]
-            for a in range(0, n_cells, size):
-                yield a, sp.csr_matrix(m[:, a : a + size].T)
+            step = _dense_rows(size, m.shape[0])
+            for a in range(0, n_cells, step):
+                yield a, sp.csr_matrix(m[:, a : a + step].T)
 
     return CountSource(path, "loom", names, cells, chunks, var_ids=ids, obs=pd.DataFrame(labels))
 
@@ -244,7 +252,7 @@ def read_dense_text(path: Path, *, gene_score: Callable[[np.ndarray], int] | Non
 
     def chunks_rows(size: int) -> Iterator[tuple[int, sp.csr_matrix]]:
         a = 0
-        for part in pd.read_csv(path, sep=sep, index_col=0, chunksize=size):
+        for part in pd.read_csv(path, sep=sep, index_col=0, chunksize=_dense_rows(size, len(header))):
             yield a, sp.csr_matrix(part.to_numpy(dtype=np.float64))
             a += len(part)
 

@@ -92,8 +92,9 @@ class ShardWriter:
     half-written file under a final name. `finished` lists (file name, n_cells, sha256).
     """
 
-    def __init__(self, out_dir: Path, prefix: str, shard_cells: int = 100_000) -> None:
+    def __init__(self, out_dir: Path, prefix: str, shard_cells: int = 100_000, source: str = "") -> None:
         self.out_dir = Path(out_dir)
+        self.schema = SHARD_SCHEMA.with_metadata({"source": source}) if source else SHARD_SCHEMA
         self.prefix = prefix
         self.shard_cells = shard_cells
         self.finished: list[tuple[str, int, str]] = []
@@ -104,7 +105,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.finished):04d}.arrow"
         self._tmp = self.out_dir / f".{name}.tmp"
-        self._writer = pa.ipc.new_file(str(self._tmp), SHARD_SCHEMA)
+        self._writer = pa.ipc.new_file(str(self._tmp), self.schema)
         self._n = 0
 
     def _close(self) -> None:
