@@ -3,8 +3,11 @@
 Writes a synthetic corpus (default 200k cells x ~1.8k expressed genes, with the real shard writer
 and manifest) and times
   1. raw shard reads: random 256-cell batches from memory-mapped shards (`ShardReader.take`);
-  2. tokenized + masked `CellBatch`es from `CorpusDataset` in the main process (one core);
-  3. the same through `CorpusLoader` with 1 and 2 DataLoader workers.
+  2. tokenized + masked `CellBatch`es from `CorpusDataset` in the main process (one core), with
+     glibc's default malloc and after `keep_freed_memory()` (what loader workers use);
+  3. the same through `CorpusLoader` with 1 and 2 DataLoader workers;
+  4. for reference, what the DataLoader alone costs to pass a ready batch from a worker (shared
+     memory; a padded 256 x 2048 batch is ~7.5 MB).
 Timings are with the shards in the page cache (the corpus was just written).
 
     python benchmarks/loader.py --cells 200000 --dir /tmp/cellfm-bench
@@ -15,11 +18,15 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from cellfm.batch import CellBatch
 from cellfm.corpus import CorpusDataset, CorpusLoader, CorpusManifest, ShardInfo, ShardReader
+from cellfm.corpus.loader import keep_freed_memory
 from cellfm.corpus.shards import CellRows, ShardWriter
 
 N_GENES = 27855
@@ -75,6 +82,33 @@ def time_tokenized(folder: Path, batch: int, n_batches: int, workers: int | None
     return rate
 
 
+class _Repeat(torch.utils.data.IterableDataset):
+    """The same batch n times: what a DataLoader worker costs to hand over a batch, no work."""
+
+    def __init__(self, batch, n: int) -> None:
+        self.batch, self.n = batch, n
+
+    def __iter__(self):
+        for _ in range(self.n):  # fresh tensors each time, as the real loader makes
+            yield CellBatch(**{f.name: None if getattr(self.batch, f.name) is None
+                               else getattr(self.batch, f.name).clone() for f in fields(CellBatch)})
+
+
+def time_transfer(folder: Path, batch: int, n_batches: int) -> float:
+    b = next(iter(CorpusDataset(folder, seed=0, epoch=0, batch_size=batch)))
+    dl = torch.utils.data.DataLoader(_Repeat(b, n_batches + 1), batch_size=None, num_workers=1)
+    it = iter(dl)
+    next(it)
+    t = time.perf_counter()
+    cells = sum(len(x) for x in it)
+    return cells / (time.perf_counter() - t)
+
+
+def _after_keep_freed(folder: Path, batch: int, n_batches: int) -> float:
+    keep_freed_memory()
+    return time_tokenized(folder, batch, n_batches, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=200_000)
@@ -96,8 +130,10 @@ def main() -> None:
     rows = [
         (f"raw shard read, random {b}-cell batches", time_raw(args.dir, m, b, nb * 4)),
         ("tokenized + masked, main process (1 core)", time_tokenized(args.dir, b, nb, None)),
+        ("  same, after keep_freed_memory()", _after_keep_freed(args.dir, b, nb)),
         ("tokenized + masked, 1 DataLoader worker", time_tokenized(args.dir, b, nb, 1)),
         ("tokenized + masked, 2 DataLoader workers", time_tokenized(args.dir, b, nb, 2)),
+        ("DataLoader hand-over only (1 worker, no work)", time_transfer(args.dir, b, nb)),
     ]
     print(f"\n| {'measurement':45s} | {'cells/s':>10s} |\n|{'-' * 47}|{'-' * 12}|")
     for name, rate in rows:
