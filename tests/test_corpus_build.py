@@ -216,3 +216,11 @@ def test_cli_build_and_info(format_files, tmp_path):
     r = CliRunner().invoke(app, ["info", str(out), "--verify"])
     assert r.exit_code == 0 and "all shards OK" in r.output, r.output
     shutil.rmtree(out)
+
+
+def test_folder_input_expands_to_count_files(format_files):
+    from cellfm.corpus.builder import expand_inputs
+
+    folder = Path(format_files["h5ad"]).parent
+    found = {p.name for p in expand_inputs([folder])}
+    assert found == {"pbmc.h5ad", "pbmc_mtx", "pbmc_v3.h5", "pbmc_v2.h5", "pbmc.loom"}

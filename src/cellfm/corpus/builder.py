@@ -63,7 +63,8 @@ def build_corpus(
     Parameters
     ----------
     inputs
-        Files (.h5ad, 10x .h5, .loom, .csv/.tsv[.gz]) or 10x matrix folders.
+        Files (.h5ad, 10x .h5, .loom, .csv/.tsv[.gz]), 10x matrix folders, or folders holding them
+        (searched recursively for .h5ad / .h5 / .loom / 10x folders).
     out_dir
         Corpus folder; created if needed. An existing corpus must use the same vocabulary and filters.
     vocab
@@ -101,8 +102,7 @@ def build_corpus(
                         tuple(label_keys) if label_keys is not None else None)
 
     todo: list[Path] = []
-    for p in inputs:
-        path = Path(p).resolve()
+    for path in expand_inputs(inputs):
         key = str(path)
         st = _stat(path)
         old = manifest.inputs.get(key)
@@ -130,6 +130,30 @@ def build_corpus(
     manifest.save(out)
     manifest.report.to_csv(out / "report.tsv", sep="\t", index=False)
     return manifest
+
+
+FOLDER_SUFFIXES = (".h5ad", ".h5", ".loom")  # text tables are too ambiguous to pick up unasked
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Resolved input paths; a folder that is not a 10x matrix folder stands for every .h5ad, .h5,
+    .loom and 10x folder below it (sorted, so the corpus order does not depend on the file system)."""
+    out: list[Path] = []
+    for p in inputs:
+        path = Path(p).resolve()
+        if path.is_dir() and not _is_10x_folder(path):
+            found = [q for q in sorted(path.rglob("*"))
+                     if (q.is_file() and q.name.lower().endswith(FOLDER_SUFFIXES)
+                         and not any(_is_10x_folder(a) for a in q.parents))
+                     or (q.is_dir() and _is_10x_folder(q))]
+            out.extend(found)
+        else:
+            out.append(path)
+    return list(dict.fromkeys(out))
+
+
+def _is_10x_folder(path: Path) -> bool:
+    return (path / "matrix.mtx").exists() or (path / "matrix.mtx.gz").exists()
 
 
 def _stat(path: Path) -> tuple[int, int]:
