@@ -118,9 +118,14 @@ def build_corpus(
             results.append(_process_input(path, out, opts))
     else:
         with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
-            futs = [pool.submit(_process_input, path, out, opts) for path in todo]
+            futs = {pool.submit(_process_input, path, out, opts): path for path in todo}
             for f in _progress(as_completed(futs), progress, total=len(futs)):
-                results.append(f.result())
+                try:
+                    results.append(f.result())
+                except Exception as e:  # noqa: BLE001 — a crashed worker (e.g. a segfault in a reader)
+                    report = _empty_report(futs[f])
+                    report.update(status="skipped", reason=f"worker failed: {type(e).__name__}: {e}"[:500])
+                    results.append({"report": report, "shards": [], "stat": (0, 0)})
     # input order, not completion order, so the corpus is the same whatever the scheduling
     results.sort(key=lambda r: todo.index(Path(r["report"]["input"])))
     for r in results:
