@@ -21,12 +21,16 @@ def load_vocabulary(vocab: object) -> object:
 
 @lru_cache(maxsize=4)
 def _load_named(name: str) -> object:
-    from cellfm.vocab import GeneVocabulary
+    import cellfm.vocab as vocab_module
 
-    for ctor in ("load", "from_name", "builtin"):
-        if hasattr(GeneVocabulary, ctor):
-            return getattr(GeneVocabulary, ctor)(name)
-    raise AttributeError("cellfm.vocab.GeneVocabulary has no constructor from a name")
+    for fn in ("load_vocabulary", "get_vocabulary", "builtin_vocabulary"):
+        if hasattr(vocab_module, fn):
+            return getattr(vocab_module, fn)(name)
+    cls = vocab_module.GeneVocabulary
+    for ctor in ("load", "from_name", "builtin", "from_pretrained"):
+        if hasattr(cls, ctor):
+            return getattr(cls, ctor)(name)
+    raise AttributeError("cellfm.vocab has no way to load a vocabulary by name")
 
 
 def token_ids_for(names: Sequence[str], vocabulary: object) -> np.ndarray:
