@@ -147,3 +147,12 @@ def test_heldout_split_is_deterministic_and_disjoint(corpus):
 def test_unmasked_mode(corpus):
     b = next(iter(_ds(corpus, mask=False)))
     assert b.hidden_mask is None and b.loss_mask is None
+
+
+def test_dataset_pickles_after_use(corpus):
+    import pickle
+
+    ds = _ds(corpus)
+    first = next(iter(ds))  # opens memory maps
+    again = next(iter(pickle.loads(pickle.dumps(ds))))
+    assert torch.equal(first.values, again.values)

@@ -146,6 +146,12 @@ class CorpusDataset(IterableDataset):
                 raise ValueError(f"cannot resume: {k}={state[k]} in the state, {getattr(self, k)} here")
         self.epoch, self.start_batch = int(state["epoch"]), int(state["batches_consumed"])
 
+    def __getstate__(self) -> dict:
+        """Worker copies reopen their memory maps (maps cannot be pickled under spawn)."""
+        state = self.__dict__.copy()
+        state["_readers"], state["_perm_cache"] = OrderedDict(), None
+        return state
+
     # ---- iteration ------------------------------------------------------------------------
     def __iter__(self):
         info = get_worker_info()
