@@ -253,8 +253,6 @@ def tokenize_batch(
 ) -> CellBatch:
     """Flat cells (CSR-like) -> CellBatch, as `tokenize_cell` + `mask_values` per cell with the
     generator `cell_generator(seed, epoch, cell_index[i])`, then padding to the longest cell."""
-    from cellfm.tokenizer import mask_values, tokenize_cell
-
     n = len(cell_index)
     lens = np.diff(indptr)  # (n,)
     totals = np.add.reduceat(counts, indptr[:-1], dtype=np.float64) if len(counts) else np.zeros(n)
@@ -275,6 +273,8 @@ def tokenize_batch(
         ids_t[token_mask] = gene_ids
         cnt_t[token_mask] = counts
     val_t = cell_values(cnt_t, totals)  # (B, L)
+    if mask or is_long.any():
+        from cellfm.tokenizer import mask_values, tokenize_cell
     hidden = np.zeros((n, L), bool) if mask else None
     loss = np.zeros((n, L), bool) if mask else None
     bitgen = np.random.PCG64()
