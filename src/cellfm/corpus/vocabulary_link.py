@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+import pandas as pd
 
 
 def load_vocabulary(vocab: object) -> object:
@@ -37,7 +38,7 @@ def token_ids_for(names: Sequence[str], vocabulary: object) -> np.ndarray:
     """(n,) int64 token id per identifier, 0 where it is not in the vocabulary."""
     from cellfm.vocab import map_genes
 
-    mapping = map_genes(np.asarray([str(n) for n in names], dtype=object), vocabulary)
+    mapping = map_genes(pd.Index([str(n) for n in names]), vocabulary)
     for attr in ("token_ids", "ids", "gene_ids"):
         if hasattr(mapping, attr):
             return np.asarray(getattr(mapping, attr), dtype=np.int64)
@@ -52,8 +53,9 @@ def vocabulary_genes(vocabulary: object) -> list[str]:
 
 
 def describe_vocabulary(vocabulary: object) -> dict:
-    """{"name", "n_genes", "sha256"}; the hash covers the gene list in token order, so two corpora
-    (or a corpus and a model) agree on ids exactly when their hashes agree."""
+    """{"name", "n_genes", "sha256"}: the vocabulary's own hash (the one a saved model records)
+    when it has one, else a hash of the gene list in token order; a corpus and a model agree on
+    ids exactly when their hashes agree."""
     genes = vocabulary_genes(vocabulary)
-    digest = hashlib.sha256("\n".join(genes).encode()).hexdigest()
+    digest = getattr(vocabulary, "sha256", None) or hashlib.sha256("\n".join(genes).encode()).hexdigest()
     return {"name": str(getattr(vocabulary, "name", "custom")), "n_genes": len(genes), "sha256": digest}
