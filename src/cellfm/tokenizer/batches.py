@@ -1,0 +1,84 @@
+"""AnnData -> CellBatch stream for inference: chunked reading, official tokenization, and cells
+grouped by number of expressed genes so that little compute goes to padding."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from cellfm.batch import CellBatch
+from cellfm.tokenizer.checks import iter_row_chunks
+from cellfm.tokenizer.tokenize import normalise, scale_library, tokenize_cell
+
+
+def count_matrix(adata, layer: str | None = None):
+    """The raw-count matrix: `adata.layers[layer]`, `adata.raw.X` for layer="raw", else X."""
+    if layer is None:
+        return adata.X
+    if layer == "raw":
+        if adata.raw is None:
+            raise ValueError("layer='raw' but adata.raw is empty")
+        return adata.raw.X
+    if layer not in adata.layers:
+        raise KeyError(f"layer {layer!r} not in adata.layers ({list(adata.layers)})")
+    return adata.layers[layer]
+
+
+def tokenize_chunk(
+    counts: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, max_genes: int, seed: int
+) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """[(row, ids, values)] of the cells of one chunk; empty cells are left out."""
+    scaled = scale_library(counts)  # scaling uses all genes of the input
+    ids_all = column_ids[scaled.indices]
+    keep = ids_all > 0
+    rows = np.repeat(np.arange(scaled.shape[0]), np.diff(scaled.indptr))[keep]
+    lens = np.bincount(rows, minlength=scaled.shape[0])
+    ids = ids_all[keep]
+    cnt = scaled.data[keep].astype(np.float64)
+    order = np.lexsort((ids, rows))
+    ids, cnt, rows = ids[order], cnt[order], rows[order]
+    totals = np.bincount(rows, weights=cnt, minlength=scaled.shape[0])
+    starts = np.concatenate([[0], np.cumsum(lens)])
+    values = normalise(cnt, totals[rows])
+    out = []
+    for r in range(scaled.shape[0]):
+        s, e = starts[r], starts[r + 1]
+        if e == s:
+            continue
+        if e - s > max_genes:  # reproducible per cell, whatever the chunking
+            rng = np.random.default_rng([seed, first_row + r])
+            cid, cval = tokenize_cell(ids[s:e], cnt[s:e], totals[r], max_genes, rng)
+        else:
+            cid, cval = ids[s:e].astype(np.int32), values[s:e]
+        out.append((first_row + r, cid, cval))
+    return out
+
+
+def iter_token_batches(
+    adata, mapping, *, batch_size: int = 64, max_genes: int = 2048, layer: str | None = None,
+    chunk_size: int = 8192, sort_by_length: bool = True, seed: int = 0,
+) -> Iterator[CellBatch]:
+    """Batches of tokenized cells; each carries `cell_index` (row in adata) to restore order."""
+    column_ids = np.asarray(mapping.token_ids, dtype=np.int64)
+    matrix = count_matrix(adata, layer)
+    for start, block in iter_row_chunks(matrix, chunk_size):
+        cells = tokenize_chunk(block, column_ids, start, max_genes=max_genes, seed=seed)
+        if sort_by_length:
+            cells.sort(key=lambda c: len(c[1]))
+        for b in range(0, len(cells), batch_size):
+            yield _pad(cells[b : b + batch_size])
+
+
+def _pad(cells: list[tuple[int, np.ndarray, np.ndarray]]) -> CellBatch:
+    B, L = len(cells), max(len(c[1]) for c in cells)
+    lens = np.array([len(c[1]) for c in cells])
+    tok = np.arange(L)[None, :] < lens[:, None]  # (B, L)
+    ids = np.zeros((B, L), np.int64)
+    vals = np.zeros((B, L), np.float32)
+    ids[tok] = np.concatenate([c[1] for c in cells])
+    vals[tok] = np.concatenate([c[2] for c in cells])
+    index = torch.tensor([c[0] for c in cells], dtype=torch.int64)
+    return CellBatch(torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tok), cell_index=index)
