@@ -229,10 +229,10 @@ def _gene_columns(src: CountSource, vocabulary: object) -> tuple[np.ndarray, np.
 def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict) -> None:
     src = open_source(path, gene_score=lambda names: int((token_ids_for(names, opts.vocab) > 0).sum()))
     report.update(format=src.fmt, counts_from=src.counts_from, genes_in_file=len(src.var_names))
+    if mouse_case_fraction(src.var_names) > 0.5:  # before mapping, which ignores case
+        raise ValueError("gene symbols are in mouse case (e.g. Actb): not human")
     cols, tokens = _gene_columns(src, opts.vocab)
     report["genes_matched"] = len(cols)
-    if mouse_case_fraction(src.var_names) > 0.5:
-        raise ValueError("gene symbols are in mouse case (e.g. Actb): not human")
     if len(cols) < opts.min_genes:
         raise ValueError(f"only {len(cols)} genes match the vocabulary (< min_genes={opts.min_genes})")
     if len(cols) < MIN_MATCHED_FRACTION * len(src.var_names):

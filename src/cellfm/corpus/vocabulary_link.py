@@ -6,6 +6,7 @@ the manifest. Gene mapping itself lives in `cellfm.vocab`; nothing here second-g
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -38,7 +39,12 @@ def token_ids_for(names: Sequence[str], vocabulary: object) -> np.ndarray:
     """(n,) int64 token id per identifier, 0 where it is not in the vocabulary."""
     from cellfm.vocab import map_genes
 
-    mapping = map_genes(pd.Index([str(n) for n in names]), vocabulary)
+    try:
+        with warnings.catch_warnings():  # restricted panels are reported per file, not warned
+            warnings.simplefilter("ignore")
+            mapping = map_genes(pd.Index([str(n) for n in names]), vocabulary)
+    except ValueError:  # too few matches: the builder decides what that means for the file
+        return np.zeros(len(names), np.int64)
     for attr in ("token_ids", "ids", "gene_ids"):
         if hasattr(mapping, attr):
             return np.asarray(getattr(mapping, attr), dtype=np.int64)
