@@ -47,13 +47,13 @@ def tokenize_cell(
     gene_ids = np.asarray(gene_ids)
     counts = np.asarray(counts, dtype=np.float64)
     nz = np.flatnonzero(counts)
+    nz = nz[np.argsort(gene_ids[nz], kind="stable")]  # canonical order: same sample whatever the input order
     if len(nz) > max_genes:
         if rng is None:
             raise ValueError(f"cell has {len(nz)} > max_genes={max_genes} genes: pass rng to sample")
         w = np.log1p(counts[nz])
-        nz = nz[rng.choice(len(nz), max_genes, replace=False, p=w / w.sum())]
-    order = np.argsort(gene_ids[nz], kind="stable")
-    nz = nz[order]
+        nz = np.sort(nz[rng.choice(len(nz), max_genes, replace=False, p=w / w.sum())])
+        nz = nz[np.argsort(gene_ids[nz], kind="stable")]
     return gene_ids[nz].astype(np.int32), normalise(counts[nz], total)
 
 
