@@ -151,9 +151,9 @@ def test_rows_follow_the_official_preprocessing(built, pbmc, format_files):
     only cells with 200..2048 expressed matched genes."""
     out, m = built
     t = _rows_by_source(out, m)[str(format_files["h5ad"].resolve())].set_index("cell_id")
-    x = pbmc.X.toarray().astype(np.float64)
-    total = x.sum(1, keepdims=True)
-    scaled = np.round(x / np.maximum(1, total / 1e5))
+    from cellfm.tokenizer import scale_library
+
+    scaled = scale_library(pbmc.X).toarray()  # over all genes of the file
     tok = token_ids_for(pbmc.var_names, load_vocabulary("cellfm-27k"))
     for i, c in enumerate(pbmc.obs_names):
         cols = np.flatnonzero((tok > 0) & (scaled[i] > 0))

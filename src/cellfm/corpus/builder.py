@@ -2,7 +2,8 @@
 
 Per input (one process each, in parallel): read in row chunks; check it holds human raw counts;
 map genes to the vocabulary; scale each cell's library as the official preprocessing does
-(`round(count / max(1, total / 1e5))`, total over all genes of the file); keep matched genes; drop
+(`cellfm.tokenizer.scale_library`: round(count / max(1, total / 1e5)) in float32, total over all
+genes of the file); keep matched genes; drop
 cells with fewer than `min_genes` or more than `max_genes` expressed matched genes (official
 `SCrna(filt_len=(200, 2048), prep=True)` in `train.py`, so the default `max_genes=2048`; the
 2048-gene sampling of the tokenizer then never fires on a default corpus); write shards.
@@ -28,8 +29,8 @@ from cellfm.corpus.manifest import MANIFEST_NAME, REPORT_COLUMNS, CorpusManifest
 from cellfm.corpus.readers import CountSource, open_source
 from cellfm.corpus.shards import CellRows, ShardWriter
 from cellfm.corpus.vocabulary_link import describe_vocabulary, load_vocabulary, token_ids_for
+from cellfm.tokenizer import scale_library
 
-LIBRARY_TARGET = 1e5  # official: cells with a larger total are scaled down to about this
 MIN_MATCHED_FRACTION = 0.1  # fewer matched identifiers than this: not human / unknown ids
 
 
@@ -253,10 +254,8 @@ def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict
         if not ok:
             raise ValueError(f"rows {start}..{start + x.shape[0]}: {why}")
         n = x.shape[0]
-        total = np.asarray(x.sum(axis=1)).ravel()  # (n,) over ALL genes, as the official scaling
-        scale = np.maximum(1.0, total / LIBRARY_TARGET)
-        x.data = np.round(x.data / np.repeat(scale, np.diff(x.indptr)))
-        m = x[:, cols]  # (n, n_matched), columns in token order
+        total = np.asarray(x.sum(axis=1)).ravel()  # (n,) raw total over ALL genes (metadata)
+        m = scale_library(x)[:, cols]  # (n, n_matched) scaled over ALL genes, columns in token order
         m.eliminate_zeros()
         m.sort_indices()
         n_expr = np.diff(m.indptr)
