@@ -129,6 +129,7 @@ def test_batch_equals_per_cell_tokenizer(corpus):
             rows[g + i] = (ids[indptr[i]:indptr[i + 1]], counts[indptr[i]:indptr[i + 1]])
         g += len(r)
     for b in _stream(corpus, epoch=1)[:6]:
+        cells = []
         for j, ci in enumerate(b.cell_index.tolist()):
             gid, cnt = rows[ci]
             rng = cell_generator(3, 1, ci)
@@ -142,6 +143,8 @@ def test_batch_equals_per_cell_tokenizer(corpus):
             np.testing.assert_array_equal(b.hidden_mask[j, :n].numpy(), np.asarray(hidden))
             np.testing.assert_array_equal(b.loss_mask[j, :n].numpy(), np.asarray(loss))
             assert not b.values[j, n:].any() and not b.gene_ids[j, n:].any()
+            cells.append((ids, vals, hidden, loss))
+        _same([tokenizer.collate_cells(cells, cell_index=b.cell_index.numpy())], [b])
 
 
 def test_heldout_split_is_deterministic_and_disjoint(corpus):
