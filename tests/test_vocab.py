@@ -78,4 +78,4 @@ def test_real_datasets_map(shared_data, rel, min_matched):
 def test_wrong_species_or_ids_raise_with_fix():
     mouse = ["Gm" + str(i) for i in range(500)]
     with pytest.raises(ValueError, match="Ensembl gene ids"):
-        map_genes(mouse, load_vocabulary("cellfm-27k"))
+        map_genes(mouse, load_vocabulary("cellfm-27k"), min_genes=50)

@@ -65,11 +65,12 @@ class GeneMapping:
                 f"{s['n_input'] - s['n_matched']} dropped")
 
 
-def map_genes(var_names, vocab: GeneVocabulary, *, min_genes: int = 50) -> GeneMapping:
+def map_genes(var_names, vocab: GeneVocabulary, *, min_genes: int = 1) -> GeneMapping:
     """Map identifiers (symbols, Ensembl ids, old symbols) to `vocab` token ids.
 
     Raises ValueError when fewer than `min_genes` match (wrong species or identifier column);
-    warns when fewer than 1,000 match (a restricted panel gives a less informed embedding).
+    warns when a dataset (>= 200 identifiers) matches fewer than 1,000 (a restricted panel gives a
+    less informed embedding).
     """
     names = np.asarray([str(n).strip() for n in var_names], dtype=object)
     n = len(names)
@@ -112,10 +113,11 @@ def map_genes(var_names, vocab: GeneVocabulary, *, min_genes: int = 50) -> GeneM
     if mapping.n_matched < min_genes:
         example = ", ".join(repr(g) for g in names[:5])
         raise ValueError(
-            f"only {mapping.n_matched} of {n} genes (e.g. {example}) match vocabulary {vocab.name!r}. "
+            f"{'none' if mapping.n_matched == 0 else f'only {mapping.n_matched}'} of the {n} genes "
+            f"(e.g. {example}) match vocabulary {vocab.name!r}. "
             "Use human HGNC symbols or Ensembl gene ids; if they are in a column of adata.var pass "
             "gene_key=<column>; mouse genes must be mapped to human orthologs first."
         )
-    if mapping.n_matched < 1000:
+    if n >= 200 and mapping.n_matched < 1000:
         warnings.warn(f"{mapping}: a restricted gene panel gives a less informed embedding", stacklevel=2)
     return mapping
