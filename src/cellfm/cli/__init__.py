@@ -33,17 +33,31 @@ def info() -> None:
 
 
 def _register() -> None:
-    from cellfm.cli import convert, corpus, demo, embed, pretrain, tasks
+    import importlib
 
-    app.command("demo")(demo.demo)
+    def module(name: str):
+        try:
+            return importlib.import_module(f"cellfm.cli.{name}")
+        except ModuleNotFoundError as err:  # a command group not installed in this build
+            if err.name != f"cellfm.cli.{name}":
+                raise
+            return None
 
-    app.command("embed")(embed.embed)
-    app.command("convert")(convert.convert)
-    app.add_typer(corpus.app, name="corpus", help="Build and inspect pretraining corpora.")
-    app.command("pretrain")(pretrain.pretrain)
-    app.add_typer(tasks.annotate_app, name="annotate", help="Cell type annotation.")
-    for name in ("integrate", "perturb", "gene_function", "gene_network", "evaluate"):
-        app.command(name.replace("_", "-"))(getattr(tasks, name))
+    if (m := module("demo")) is not None:
+        app.command("demo")(m.demo)
+    if (m := module("embed")) is not None:
+        app.command("embed")(m.embed)
+    if (m := module("convert")) is not None:
+        app.command("convert")(m.convert)
+    if (m := module("corpus")) is not None:
+        app.add_typer(m.app, name="corpus", help="Build and inspect pretraining corpora.")
+    if (m := module("pretrain")) is not None:
+        app.command("pretrain")(m.pretrain)
+    if (m := module("tasks")) is not None:
+        app.add_typer(m.annotate_app, name="annotate", help="Cell type annotation.")
+        for name in ("integrate", "perturb", "gene_function", "gene_network", "evaluate"):
+            if hasattr(m, name):
+                app.command(name.replace("_", "-"))(getattr(m, name))
 
 
 def main() -> None:
