@@ -1,18 +1,27 @@
-"""cellfm: a fast, faithful PyTorch implementation of the CellFM single-cell foundation model."""
+"""cellfm: a fast, faithful PyTorch implementation of the CellFM single-cell foundation model.
 
-from cellfm.batch import CellBatch
-from cellfm.cellfm import CellFM, load
+Names are imported on first use so that `import cellfm` (and `cellfm --help`) does not load
+torch or anndata.
+"""
+
 from cellfm.config import PRESETS, ModelConfig, get_preset
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "CellBatch": "cellfm.batch",
+    "CellFM": "cellfm.cellfm",
+    "load": "cellfm.cellfm",
+    "embed": "cellfm.embed",
+    "get_gene_embeddings": "cellfm.embed",
+}
+
 
 def __getattr__(name: str):
-    # embed pulls in anndata; keep `import cellfm` (and the CLI's --help) light
-    if name in ("embed", "get_gene_embeddings"):
-        from cellfm import embed as _embed_module
+    if name in _LAZY:
+        import importlib
 
-        return getattr(_embed_module, name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'cellfm' has no attribute {name!r}")
 
 
