@@ -1,0 +1,284 @@
+"""Downstream task commands: `cellfm annotate fit|predict`, `integrate`, `perturb`, `gene-function`,
+`gene-network`, `evaluate`. A thin layer over `cellfm.tasks`; the lead mounts them in the main app.
+
+Input problems (missing file, label column, unknown model) end with a one-line error and exit code
+1 or 2, not a traceback. Results are printed as tables and written as TSV / Markdown.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+annotate_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Cell type annotation: fit on a labelled reference, predict a query.",
+)
+
+ModelOpt = Annotated[str, typer.Option("--model", help="Built-in model name, model folder or checkpoint.")]
+DataDirOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir", help="Shared data folder (default: CELLFM_DATA_DIR or shared/data beside the checkout)."
+    ),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="torch CPU threads (1 is fastest on a busy machine).")]
+
+
+def _fail(msg: str, code: int = 1) -> None:
+    from rich.console import Console
+
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {msg}")
+    raise typer.Exit(code)
+
+
+def _threads(n: int | None) -> None:
+    if n is not None:
+        import torch
+
+        torch.set_num_threads(max(1, n))
+
+
+def _load_model(name: str):
+    from cellfm.cellfm import CellFM, load
+    from cellfm.config import PRESETS
+
+    try:
+        if name.startswith("preset:") and name[7:] in PRESETS:
+            return CellFM.from_preset(name[7:])  # random init, for smoke runs
+        return load(name)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        _fail(f"could not load model {name!r}: {err}")
+
+
+def _read(path: Path):
+    import anndata as ad
+
+    if not path.is_file():
+        _fail(f"input file {path} does not exist", 2)
+    try:
+        return ad.read_h5ad(path)
+    except Exception as err:  # h5py / anndata raise many types for unreadable files
+        _fail(f"could not read {path}: {err}")
+
+
+def _print_table(df, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c))
+    for row in df.itertuples(index=False):
+        t.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+    Console().print(t)
+
+
+@annotate_app.command("fit")
+def annotate_fit(
+    reference: Annotated[Path, typer.Argument(help="Labelled reference .h5ad (raw counts).")],
+    label_key: Annotated[str, typer.Option("--label-key", help="obs column with the cell types.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the fitted annotator.")],
+    model: ModelOpt = "cellfm-mini",
+    mode: Annotated[str, typer.Option(help="frozen, lora or full.")] = "frozen",
+    max_epochs: Annotated[int | None, typer.Option(help="Default 100 (frozen) or 10.")] = None,
+    batch_size: int = 32,
+    lora_rank: int = 8,
+    min_cells_per_class: int = 5,
+    overwrite: bool = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Train a cell type annotator on a labelled reference."""
+    from cellfm.tasks.annotation import CellTypeAnnotator
+
+    _threads(threads)
+    if mode not in ("frozen", "lora", "full"):
+        _fail(f"--mode must be frozen, lora or full, not {mode!r}", 2)
+    if output.exists() and any(output.iterdir()) and not overwrite:
+        _fail(f"{output} is not empty; pass --overwrite to replace it", 2)
+    adata = _read(reference)
+    cfm = _load_model(model)
+    try:
+        ann = CellTypeAnnotator().fit(
+            adata,
+            label_key,
+            model=cfm,
+            mode=mode,
+            max_epochs=max_epochs,
+            batch_size=batch_size,
+            lora_rank=lora_rank,
+            min_cells_per_class=min_cells_per_class,
+        )
+    except (KeyError, ValueError) as err:
+        _fail(str(err).strip('"'))
+    if not model.startswith("preset:"):
+        ann.encoder_source = model if mode == "frozen" else None
+    ann.save(output, overwrite=True)
+    typer.echo(
+        f"annotator with {len(ann.classes)} classes ({mode}) written to {output}; "
+        f"temperature {ann.temperature:.2f}, best val loss "
+        f"{min(h['val_loss'] for h in ann.history):.4f} after {len(ann.history)} epochs"
+    )
+
+
+@annotate_app.command("predict")
+def annotate_predict(
+    query: Annotated[Path, typer.Argument(help="Query .h5ad (raw counts).")],
+    model: Annotated[Path, typer.Option("--model", help="Folder written by `cellfm annotate fit`.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output .h5ad with obs['cellfm_label'].")],
+    threshold: Annotated[
+        float | None, typer.Option(help="Min calibrated confidence (else 'unknown').")
+    ] = None,
+    open_set: Annotated[bool, typer.Option(help="Label cells unlike the reference 'unknown'.")] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Label the cells of a query with a fitted annotator."""
+    from cellfm.tasks.annotation import CellTypeAnnotator
+
+    _threads(threads)
+    if output.resolve() == query.resolve():
+        _fail("the output must be a different file than the input", 2)
+    try:
+        ann = CellTypeAnnotator.load(model)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    adata = _read(query)
+    try:
+        ann.predict(adata, threshold=threshold, open_set=open_set)
+    except (KeyError, ValueError) as err:
+        _fail(str(err).strip('"'))
+    adata.write_h5ad(output)
+    counts = adata.obs["cellfm_label"].value_counts()
+    typer.echo(f"{adata.n_obs} cells labelled -> {output}\n" + counts.to_string())
+
+
+def integrate(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (scores TSV, maps PNG).")],
+    model: ModelOpt = "cellfm-mini",
+    data_dir: DataDirOpt = None,
+    max_cells_per_batch: Annotated[int | None, typer.Option(help="Subsample each batch.")] = None,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Batch integration benchmark (PBMC 4k + pbmc3k + celltypist sample; batch = data set)."""
+    from cellfm.tasks.integration import build_pbmc_batches, evaluate_integration
+    from cellfm.tasks.report_plots import embedding_maps
+
+    _threads(threads)
+    cfm = _load_model(model)
+    try:
+        adata = build_pbmc_batches(data_dir, max_cells_per_batch=max_cells_per_batch)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    r = evaluate_integration(adata, cfm)
+    output.mkdir(parents=True, exist_ok=True)
+    r["table"].to_csv(output / "integration_scores.tsv", sep="\t", index=False)
+    embedding_maps(r["embeddings"], adata.obs, ["coarse_type", "batch"], output / "integration_maps.png")
+    _print_table(r["table"], "batch integration")
+
+
+def perturb(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (TSV tables).")],
+    model: ModelOpt = "cellfm-mini",
+    data_dir: DataDirOpt = None,
+    n_folds: int = 5,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Predict held-out knock-out effects (Papalexi 2021 ECCITE-seq) from gene embeddings."""
+    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.tasks.perturbation import evaluate_perturbation
+
+    _threads(threads)
+    cfm = _load_model(model)
+    try:
+        adata, ref = load_benchmark("papalexi", data_dir), load_benchmark("pbmc4k", data_dir)
+    except FileNotFoundError as err:
+        _fail(str(err), 2)
+    r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds)
+    output.mkdir(parents=True, exist_ok=True)
+    r["table"].to_csv(output / "perturbation_scores.tsv", sep="\t", index=False)
+    r["per_perturbation"].to_csv(output / "perturbation_per_knockout.tsv", sep="\t", index=False)
+    _print_table(r["table"], "held-out perturbations (mean over knock-outs)")
+
+
+def gene_function(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (TSV tables).")],
+    model: ModelOpt = "cellfm-mini",
+    data_dir: DataDirOpt = None,
+    go: Annotated[bool, typer.Option(help="Also run the multi-label GO term tasks.")] = True,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Gene function prediction (Geneformer tasks, GO terms) from gene embeddings, 5-fold AUROC."""
+    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.tasks.gene_function import evaluate_binary_tasks, evaluate_go_terms, summarise_go
+
+    _threads(threads)
+    cfm = _load_model(model)
+    try:
+        ref = load_benchmark("pbmc4k", data_dir)
+        binary = evaluate_binary_tasks(cfm, data_dir=data_dir, reference=ref)
+    except FileNotFoundError as err:
+        _fail(str(err), 2)
+    output.mkdir(parents=True, exist_ok=True)
+    binary.to_csv(output / "gene_function_binary.tsv", sep="\t", index=False)
+    _print_table(binary, "binary gene tasks (AUROC)")
+    if go:
+        table = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
+        table.to_csv(output / "gene_function_go.tsv", sep="\t", index=False)
+        _print_table(summarise_go(table), "GO terms (mean AUROC)")
+
+
+def gene_network(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (neighbours + enrichment).")],
+    model: ModelOpt = "cellfm-mini",
+    data_dir: DataDirOpt = None,
+    k: Annotated[int, typer.Option(help="Neighbours per gene.")] = 10,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Top-k gene neighbours by embedding cosine, and their GO BP / Reactome co-membership."""
+    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.tasks.gene_network import evaluate_gene_network
+
+    _threads(threads)
+    cfm = _load_model(model)
+    try:
+        ref = load_benchmark("pbmc4k", data_dir)
+        r = evaluate_gene_network(cfm, data_dir=data_dir, reference=ref, k=k)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(str(err), 2)
+    output.mkdir(parents=True, exist_ok=True)
+    r["neighbours"].to_csv(output / f"gene_neighbours_top{k}.tsv", sep="\t", index=False)
+    r["table"].to_csv(output / "gene_network_enrichment.tsv", sep="\t", index=False)
+    _print_table(r["table"], f"top-{k} neighbour co-annotation")
+
+
+def evaluate(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Report folder (report.md + PNGs).")],
+    model: ModelOpt = "cellfm-mini",
+    data_dir: DataDirOpt = None,
+    tasks: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated subset of: annotation, integration, "
+            "perturbation, gene_function, gene_network."
+        ),
+    ] = "",
+    mode: Annotated[str, typer.Option(help="Annotation training mode: frozen, lora or full.")] = "frozen",
+    quick: Annotated[bool, typer.Option(help="Subsample cells and genes (minutes on a CPU).")] = False,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Run every downstream task on the real data and write a Markdown report."""
+    from cellfm.tasks.report import TASKS, run_evaluation
+
+    _threads(threads)
+    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
+    bad = sorted(set(chosen) - set(TASKS))
+    if bad:
+        _fail(f"unknown tasks {bad}; choose from {', '.join(TASKS)}", 2)
+    cfm = _load_model(model)
+    path = run_evaluation(
+        cfm, output, data_dir=data_dir, tasks=chosen, annotation_mode=mode, quick=quick, model_name=model
+    )
+    typer.echo(f"report written to {path}")

@@ -1,0 +1,106 @@
+"""Classical baselines every task is compared against, fitted on the training split only.
+
+- `lognorm`: log1p(count / total * 1e4), the same normalisation CellFM sees.
+- `HvgPca`: highly variable genes (top variance of log-normalised counts on the training cells),
+  z-scored and clipped at 10, then PCA: the standard scanpy recipe without scanpy.
+- `gene_expression_stats`: per-gene mean, variance and detection rate across real cells, the
+  "what a gene does in PBMCs" feature a gene embedding has to beat.
+- `random_gene_embeddings`: a fixed random vector per gene symbol, the chance level of gene tasks.
+
+Nothing here knows about CellFM.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+
+def lognorm(X, target_sum: float = 1e4, totals: np.ndarray | None = None) -> sp.csr_matrix:
+    """log1p(count / total * target_sum) as CSR float32; `totals` overrides the row sums."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    tot = np.asarray(X.sum(1)).ravel() if totals is None else np.asarray(totals, dtype=np.float64)
+    scale = target_sum / np.maximum(tot, 1.0)
+    out = sp.diags(scale.astype(np.float32)) @ X
+    out.data = np.log1p(out.data)
+    return out.tocsr()
+
+
+class HvgPca:
+    """HVG selection + scaling + PCA, fitted on one set of cells and applied to others."""
+
+    def __init__(self, n_hvg: int = 2000, n_pcs: int = 50, seed: int = 0) -> None:
+        self.n_hvg, self.n_pcs, self.seed = n_hvg, n_pcs, seed
+
+    def fit(self, X) -> HvgPca:
+        from sklearn.decomposition import PCA
+
+        L = lognorm(X)
+        mean = np.asarray(L.mean(0)).ravel()
+        var = np.asarray(L.multiply(L).mean(0)).ravel() - mean**2
+        self.genes_ = np.sort(np.argsort(-var)[: min(self.n_hvg, L.shape[1])])  # (G,)
+        Z = self._scaled(L, fit=True)
+        n = min(self.n_pcs, Z.shape[0] - 1, Z.shape[1])
+        self.pca_ = PCA(n_components=n, random_state=self.seed).fit(Z)
+        return self
+
+    def _scaled(self, L, fit: bool = False) -> np.ndarray:
+        D = L[:, self.genes_].toarray()
+        if fit:
+            self.mu_, self.sd_ = D.mean(0), D.std(0) + 1e-8
+        return np.clip((D - self.mu_) / self.sd_, -10, 10)
+
+    def transform(self, X) -> np.ndarray:
+        return self.pca_.transform(self._scaled(lognorm(X))).astype(np.float32)  # (N, n_pcs)
+
+    def fit_transform(self, X) -> np.ndarray:
+        return self.fit(X).transform(X)
+
+
+def pca_logistic_regression(train_X, train_y, test_X, seed: int = 0) -> np.ndarray:
+    """Logistic regression on HVG+PCA features; returns predicted labels of `test_X`."""
+    from sklearn.linear_model import LogisticRegression
+
+    hp = HvgPca(seed=seed).fit(train_X)
+    clf = LogisticRegression(max_iter=3000, C=1.0, class_weight="balanced")
+    clf.fit(hp.transform(train_X), train_y)
+    return clf.predict(hp.transform(test_X))
+
+
+def pca_knn(train_X, train_y, test_X, k: int = 15, seed: int = 0) -> np.ndarray:
+    """k-nearest-neighbour vote on HVG+PCA features."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    hp = HvgPca(seed=seed).fit(train_X)
+    clf = KNeighborsClassifier(n_neighbors=min(k, len(train_y)), weights="distance")
+    clf.fit(hp.transform(train_X), train_y)
+    return clf.predict(hp.transform(test_X))
+
+
+def gene_expression_stats(adata, genes: list[str] | pd.Index) -> pd.DataFrame:
+    """log mean, log variance, detection rate and a 'measured' flag per gene over `adata`'s cells.
+
+    Genes absent from `adata` get zeros and measured=0. Index: `genes`.
+    """
+    L = lognorm(adata.X)
+    mean = np.asarray(L.mean(0)).ravel()
+    var = np.asarray(L.multiply(L).mean(0)).ravel() - mean**2
+    det = np.asarray((sp.csr_matrix(adata.X) > 0).mean(0)).ravel()
+    stats = pd.DataFrame(
+        {"log_mean": np.log1p(mean * 100), "log_var": np.log1p(var * 100), "detection": det, "measured": 1.0},
+        index=pd.Index(adata.var_names.astype(str)),
+    )
+    stats = stats[~stats.index.duplicated()]
+    return stats.reindex(pd.Index(genes)).fillna(0.0)
+
+
+def random_gene_embeddings(genes: list[str] | pd.Index, dim: int, seed: int = 0) -> pd.DataFrame:
+    """A fixed N(0, 1) vector per gene, the same for a symbol whatever else is asked for."""
+    rows = []
+    for g in genes:
+        h = int.from_bytes(hashlib.blake2b(f"{seed}:{g}".encode(), digest_size=8).digest(), "little")
+        rows.append(np.random.default_rng(h).standard_normal(dim).astype(np.float32))
+    return pd.DataFrame(np.stack(rows) if rows else np.zeros((0, dim)), index=pd.Index(genes))
