@@ -286,9 +286,12 @@ def run_embed(data: str, n_cells: int, batch_size: int, threads: int) -> dict | 
         return {"error": str(err)}
     adata = ad.read_h5ad(data)[:n_cells].copy()
     torch.manual_seed(0)
-    model = cellfm.CellFM.from_preset("small")
+    try:
+        model = cellfm.CellFM.from_preset("small")
+    except ImportError as err:  # the vocabulary package is missing
+        return {"error": str(err)}
     t = time.perf_counter()
-    embed(adata, model, batch_size=batch_size, device="cpu", progress=False)
+    embed(adata, model, batch_size=batch_size, device="cpu", progress=False, empty="zero")
     return {"cells_s": n_cells / (time.perf_counter() - t), "rss_peak": peak_rss_mib()}
 
 

@@ -55,7 +55,7 @@ def test_embed_every_real_dataset(shared_data, model, name):
     assert emb.shape == (adata.n_obs, model.config.d_model) and emb.dtype == np.float32
     assert np.isfinite(emb).all()
     info = adata.uns["cellfm"]
-    assert info["n_genes_input"] == adata.n_vars
+    assert info["n_input"] == adata.n_vars
     assert info["n_matched"] + info["n_dropped"] == adata.n_vars
     assert info["n_matched"] > 0.5 * adata.n_vars  # human symbols: most genes match
     assert info["model"]["vocabulary"] == model.config.vocabulary
@@ -149,15 +149,19 @@ def test_empty_cells_raise_or_get_zero(shared_data, model):
     assert (emb[[3, 10]] == 0).all() and np.isfinite(emb).all() and (np.abs(emb[0]) > 0).any()
 
 
-@pytest.mark.parametrize("style", ["mouse", "random"])
+@pytest.mark.parametrize("style", ["mouse_ensembl", "mouse_symbols", "random"])
 def test_non_matching_gene_names_are_rejected(shared_data, model, style):
     adata = read_cells(shared_data, "pbmc68k_reduced", 20)
-    if style == "mouse":  # mouse-style symbols (Cd3e) and ids (ENSMUSG...)
+    if style == "mouse_ensembl":
         adata.var_names = [f"ENSMUSG{i:011d}" for i in range(adata.n_vars)]
+    elif style == "mouse_symbols":  # Cd3e, Ms4a1: match human symbols only when case is ignored
+        adata.var_names = [g[0].upper() + g[1:].lower() for g in adata.var_names]
     else:
         adata.var_names = [f"gene_{i}_x" for i in range(adata.n_vars)]
-    with pytest.raises(ValueError, match=r"(?i)none of the .* genes.*vocabulary"):
+    pattern = r"look like mouse" if style == "mouse_symbols" else r"(?i)none of the .* genes.*vocabulary"
+    with pytest.raises(ValueError, match=pattern):
         embed(adata, model, progress=False)
+    assert "X_cellfm" not in adata.obsm
 
 
 # ---- gene embeddings ---------------------------------------------------------------------------------

@@ -57,19 +57,12 @@ def gene_names(adata: ad.AnnData, gene_key: str | None) -> pd.Index:
     return pd.Index(adata.var[gene_key].astype(str))
 
 
-def count_matrix(adata: ad.AnnData, layer: str | None):
-    if layer is None:
-        return adata.X
-    if layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not in adata.layers ({list(adata.layers.keys())}); "
-                       "leave layer=None to use adata.X")
-    return adata.layers[layer]
-
-
 def expressed_matched_genes(adata: ad.AnnData, columns: np.ndarray, layer: str | None,
                             chunk: int = 4096) -> np.ndarray:
     """Number of expressed (non-zero) matched genes per cell, read in row chunks. (n_cells,)"""
     import scipy.sparse as sp
+
+    from cellfm.tokenizer import count_matrix
 
     X = count_matrix(adata, layer)
     n = adata.n_obs
@@ -141,8 +134,7 @@ def embed(
     >>> cellfm.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_cellfm")
     """
-    from cellfm.tokenizer import check_counts, iter_token_batches
-    from cellfm.vocab import map_genes
+    from cellfm.tokenizer import check_counts, count_matrix, iter_token_batches
 
     if empty not in ("raise", "zero"):
         raise ValueError(f"empty must be 'raise' or 'zero', not {empty!r}")
@@ -155,21 +147,11 @@ def embed(
 
     if adata.n_obs == 0:
         raise ValueError("adata has no cells")
-    names = gene_names(adata, gene_key)
-    mapping = map_genes(names, model.vocab)
-    report = mapping_summary(mapping)
-    if report["n_matched"] == 0:
-        example = ", ".join(repr(g) for g in names[:5])
-        raise ValueError(
-            f"none of the {len(names)} genes (e.g. {example}) matches the model's vocabulary "
-            f"{model.vocab.name!r} of human gene symbols / Ensembl ids. Mouse or other species' "
-            "genes must be mapped to human orthologs first; if the symbols are in a column of "
-            "adata.var, pass gene_key=<column>."
-        )
-    log.info("cellfm gene matching: %s", mapping_text(mapping))
+    mapping = match_genes(gene_names(adata, gene_key), model)
+    log.info("cellfm gene matching: %s", mapping)
     check_counts(count_matrix(adata, layer))
 
-    columns = np.flatnonzero(np.asarray(mapping_ids(mapping)) > 0)
+    columns = np.flatnonzero(mapping.token_ids > 0)
     n_expressed = expressed_matched_genes(adata, columns, layer)
     empty_cells = np.flatnonzero(n_expressed == 0)
     if len(empty_cells) and empty == "raise":
@@ -217,7 +199,8 @@ def embed(
         "max_genes": max_genes,
         "seed": seed,
         "n_empty_cells": int(len(empty_cells)),
-        **report,
+        **mapping.summary(),
+        "n_dropped": int(len(mapping.token_ids) - mapping.n_matched),
     }
     return target if copy else None
 
@@ -241,51 +224,41 @@ def get_gene_embeddings(
 
     model = resolve_model(model)
     table = model.module.gene_emb.detach().float().cpu().numpy()  # (rows, D), row 0 = padding
-    symbols = vocab_symbols(model.vocab)
+    symbols = np.asarray(model.vocab.genes, dtype=object)
     columns = [f"dim_{i}" for i in range(table.shape[1])]
     if genes is None:
-        frame = pd.DataFrame(table[1 : len(symbols) + 1], index=pd.Index(symbols, name="gene"),
-                             columns=columns)
+        ids = np.arange(1, len(symbols) + 1)
     else:
-        ids = np.asarray(mapping_ids(map_genes(pd.Index([str(g) for g in genes]), model.vocab)))
+        unique = pd.unique(pd.Index([str(g) for g in genes]))  # map_genes drops repeats as duplicates
+        found = dict(zip(unique, map_genes(unique, model.vocab, min_genes=0).token_ids, strict=True))
+        ids = np.array([found[str(g)] for g in genes], dtype=np.int64)
         unknown = [g for g, i in zip(genes, ids, strict=True) if i <= 0]
         if unknown:
-            raise KeyError(f"{len(unknown)} genes are not in vocabulary {model.vocab.name!r}: "
-                           f"{unknown[:10]}")
-        frame = pd.DataFrame(table[ids], index=pd.Index([symbols[i - 1] for i in ids], name="gene"),
-                             columns=columns)
+            raise KeyError(f"{len(unknown)} genes are not in vocabulary {model.vocab.name!r}: {unknown[:10]}")
+    frame = pd.DataFrame(table[ids], index=pd.Index(symbols[ids - 1], name="gene"), columns=columns)
     if adata is not None:
-        ids = np.asarray(mapping_ids(map_genes(gene_names(adata, gene_key), model.vocab)))
+        adata_ids = map_genes(gene_names(adata, gene_key), model.vocab, min_genes=0).token_ids
         emb = np.full((adata.n_vars, table.shape[1]), np.nan, dtype=np.float32)
-        emb[ids > 0] = table[ids[ids > 0]]
+        emb[adata_ids > 0] = table[adata_ids[adata_ids > 0]]
         adata.varm[varm_key] = emb
     return frame
 
 
-# ---- adapters to the vocabulary API (kept in one place) --------------------------------------
-def mapping_ids(mapping) -> np.ndarray:
-    """Vocabulary id per input gene, 0 where it did not match. (n_vars,)"""
-    return np.asarray(mapping.token_ids)
+def match_genes(names: pd.Index, model: CellFM):
+    """map_genes onto the model's vocabulary, refusing mouse-case symbols (Cd3e) that would
+    otherwise match human genes only by ignoring case."""
+    from cellfm.vocab import map_genes
 
-
-def mapping_summary(mapping) -> dict:
-    ids = mapping_ids(mapping)
-    return {
-        "n_genes_input": int(len(ids)),
-        "n_matched": int((ids > 0).sum()),
-        "n_remapped": int(getattr(mapping, "n_remapped", 0)),
-        "n_dropped": int((ids <= 0).sum()),
-    }
-
-
-def mapping_text(mapping) -> str:
-    s = mapping_summary(mapping)
-    return (f"{s['n_matched']} of {s['n_genes_input']} genes matched ({s['n_remapped']} through aliases "
-            f"or Ensembl ids), {s['n_dropped']} dropped")
-
-
-def vocab_symbols(vocab) -> list[str]:
-    return list(vocab.genes)
+    mapping = map_genes(names, model.vocab)
+    matched = mapping.how[mapping.token_ids > 0]
+    if (matched == "case").mean() > 0.5:
+        example = ", ".join(repr(g) for g in mapping.names[mapping.how == "case"][:5])
+        raise ValueError(
+            f"{(matched == 'case').sum()} of {len(matched)} matched genes match the human vocabulary "
+            f"only when case is ignored (e.g. {example}): these look like mouse gene symbols. Map "
+            "them to human orthologs first (or fix the case if the data are human)."
+        )
+    return mapping
 
 
 class _null:
