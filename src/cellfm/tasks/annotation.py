@@ -459,11 +459,10 @@ def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np
 
 
 def _matched_genes(adata: ad.AnnData, model: CellFM) -> list[str]:
-    from cellfm.embed import gene_names, mapping_ids
     from cellfm.vocab import map_genes
 
-    names = gene_names(adata, None)
-    ids = mapping_ids(map_genes(names, model.vocab))
+    names = pd.Index(adata.var_names.astype(str))
+    ids = np.asarray(map_genes(names, model.vocab).token_ids)
     genes = [model.vocab.genes[i - 1] for i in ids if i > 0]
     if not genes:
         raise ValueError(
@@ -482,11 +481,10 @@ def _embed(adata: ad.AnnData, model: CellFM, device: torch.device, progress: boo
 
 def _token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int) -> list:
     """Tokenize once; cell_index of each batch = row in `adata`."""
-    from cellfm.embed import gene_names
     from cellfm.tokenizer import iter_token_batches
     from cellfm.vocab import map_genes
 
-    mapping = map_genes(gene_names(adata, None), model.vocab)
+    mapping = map_genes(pd.Index(adata.var_names.astype(str)), model.vocab)
     return list(
         iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=model.config.max_genes, seed=seed)
     )

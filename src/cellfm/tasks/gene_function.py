@@ -31,11 +31,20 @@ def vocab_symbols_of(identifiers: list[str] | pd.Index, model: CellFM) -> np.nda
 
     from cellfm.vocab import map_genes
 
-    # map each distinct identifier once: map_genes gives a token to only one column of a data set
+    # map_genes gives each token to one column only (as a data set needs); a gene list may name the
+    # same gene twice (symbol and Ensembl id), so identifiers left over are mapped again on their own
     uniq, inverse = np.unique(np.asarray([str(g) for g in identifiers], dtype=object), return_inverse=True)
+    found = np.zeros(len(uniq), dtype=np.int64)
+    todo = np.arange(len(uniq))
     with warnings.catch_warnings():  # short gene lists are expected here, not a restricted panel
         warnings.simplefilter("ignore")
-        ids = np.asarray(map_genes(pd.Index(uniq), model.vocab, min_genes=0).token_ids)[inverse]
+        while len(todo):
+            got = np.asarray(map_genes(pd.Index(uniq[todo]), model.vocab, min_genes=0).token_ids)
+            if not (got > 0).any():
+                break
+            found[todo] = got
+            todo = todo[got == 0]
+    ids = found[inverse]
     genes = model.vocab.genes
     return np.array([genes[i - 1] if i > 0 else "" for i in ids], dtype=object)
 

@@ -1,0 +1,288 @@
+"""Downstream tasks on small slices of the real data (tiny random-init model, CPU).
+
+A random-init encoder carries no biology, so these tests check the machinery (splits, training,
+calibration, open set, persistence, metrics, error messages) and the baselines' real biology; the
+model-vs-baseline numbers are in the evaluation report, not asserted here.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import cellfm
+from cellfm.tasks import annotation_head, integration_metrics
+from cellfm.tasks.annotation import CellTypeAnnotator, _trainable_copy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # on a shared 2-core machine OpenMP hand-offs dominate tiny-model matmuls
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return cellfm.CellFM.from_preset("tiny")
+
+
+def _slice(adata, key, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return adata[np.sort(rng.choice(adata.n_obs, n, replace=False))].copy()
+
+
+@pytest.fixture(scope="module")
+def pbmc3k(shared_data):
+    from cellfm.tasks.benchmark_data import load_benchmark
+
+    return load_benchmark("pbmc3k", shared_data)
+
+
+@pytest.fixture(scope="module")
+def pbmc4k(shared_data):
+    from cellfm.tasks.benchmark_data import load_benchmark
+
+    return load_benchmark("pbmc4k", shared_data)
+
+
+@pytest.fixture(scope="module")
+def fitted(pbmc3k, tiny):
+    ref = _slice(pbmc3k, "classified", 400)
+    ann = CellTypeAnnotator().fit(ref, "classified", model=tiny, max_epochs=40, progress=False)
+    return ann, ref
+
+
+# ---- annotation ---------------------------------------------------------------------------
+def test_annotator_predicts_calibrated_labels_and_roundtrips(fitted, pbmc3k, tmp_path):
+    ann, ref = fitted
+    query = _slice(pbmc3k, "classified", 200, seed=1)
+    ann.predict(query, progress=False)
+    labels = query.obs["cellfm_label"].astype(str)
+    assert set(labels) <= set(ann.classes) | {"unknown"}
+    conf = query.obs["cellfm_confidence"].to_numpy()
+    assert ((conf > 0) & (conf <= 1)).all()
+    # "unknown" exactly where confidence or centroid distance says so
+    rejected = (conf < ann.threshold) | (query.obs["cellfm_centroid_distance"].to_numpy() > 1)
+    assert ((labels == "unknown").to_numpy() == rejected).all()
+    # the head learned something from the reference (majority class would give its frequency)
+    ann.predict(ref, progress=False, open_set=False)
+    acc = (ref.obs["cellfm_label_closed_set"].astype(str) == ref.obs["classified"].astype(str)).mean()
+    majority = ref.obs["classified"].value_counts(normalize=True).max()
+    assert acc > majority + 0.1
+    ann.save(tmp_path / "ann")
+    again = CellTypeAnnotator.load(tmp_path / "ann")
+    q2 = query.copy()
+    again.predict(q2, progress=False)
+    assert (q2.obs["cellfm_label"].astype(str) == labels).all()
+    np.testing.assert_allclose(q2.obs["cellfm_confidence"], conf, rtol=1e-5, atol=1e-6)
+
+
+def test_annotator_bad_inputs(pbmc3k, tiny, fitted):
+    ref = _slice(pbmc3k, "classified", 200)
+    with pytest.raises(KeyError, match="cell_type"):
+        CellTypeAnnotator().fit(ref, "cell_type", model=tiny)
+    one = ref.copy()
+    one.obs["only"] = "T"
+    with pytest.raises(ValueError, match="at least 2"):
+        CellTypeAnnotator().fit(one, "only", model=tiny)
+    with pytest.raises(ValueError, match="mode"):
+        CellTypeAnnotator().fit(ref, "classified", model=tiny, mode="partial")
+    # a class with < 5 cells is dropped with a warning
+    rare = ref.copy()
+    lab = rare.obs["classified"].astype(str).to_numpy()
+    lab[:3] = "Rare"
+    rare.obs["lab"] = lab
+    with pytest.warns(UserWarning, match="Rare"):
+        ann = CellTypeAnnotator().fit(rare, "lab", model=tiny, max_epochs=2, progress=False)
+    assert "Rare" not in ann.classes
+    # query genes that match nothing
+    alien = ref[:20].copy()
+    alien.var_names = [f"NOTAGENE{i}" for i in range(alien.n_vars)]
+    with pytest.raises(ValueError):
+        fitted[0].predict(alien, progress=False)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CellTypeAnnotator().predict(ref)
+
+
+def test_lora_trains_only_adapters_and_merges(pbmc3k, tiny):
+    copy = _trainable_copy(tiny, "lora", 4)
+    trainable = [n for n, p in copy.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    ref = _slice(pbmc3k, "classified", 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ann = CellTypeAnnotator().fit(ref, "classified", model=tiny, mode="lora", lora_rank=4, max_epochs=1,
+                                      progress=False)
+    # base model untouched; fitted encoder merged back to plain weights (no lora keys)
+    for k, v in tiny.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert ann.encoder.config.lora_rank == 0
+    assert not any("lora_" in k for k in ann.encoder.module.state_dict())
+    ann.predict(ref[:50].copy(), progress=False)
+
+
+def test_temperature_scaling_calibrates_overconfident_logits():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (2000,), generator=g)
+    logits = torch.randn(2000, 4, generator=g)
+    logits[torch.arange(2000), labels] += 1.0  # right ~60 % of the time ...
+    logits = logits * 8  # ... but nearly always ~100 % sure
+    t = annotation_head.fit_temperature(logits, labels)
+    assert t > 2
+    ece_before = annotation_head.expected_calibration_error(torch.softmax(logits, 1), labels)
+    ece_after = annotation_head.expected_calibration_error(torch.softmax(logits / t, 1), labels)
+    assert ece_after < ece_before / 3
+
+
+# ---- integration --------------------------------------------------------------------------
+def test_integration_metrics_rank_mixed_above_separated():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 200)
+    batches = np.tile(["x", "y"], 200)
+    centres = {"a": 0.0, "b": 6.0}
+    mixed = rng.normal(size=(400, 5)) + np.array([centres[c] for c in labels])[:, None]
+    split = mixed + (batches == "y")[:, None] * 10.0  # batches far apart
+    s_mix = integration_metrics.integration_scores(mixed, batches, labels)
+    s_split = integration_metrics.integration_scores(split, batches, labels)
+    assert s_mix["ilisi_knn"] > 0.8 > 0.1 > s_split["ilisi_knn"]
+    assert s_mix["batch_asw"] > s_split["batch_asw"]
+    assert s_mix["nmi"] > 0.9 and s_mix["ari"] > 0.9
+
+
+def test_integration_on_real_pbmc_batches(shared_data, tiny):
+    from cellfm.tasks.integration import build_pbmc_batches, coarse_labels, evaluate_integration
+
+    adata = build_pbmc_batches(shared_data, max_cells_per_batch=150)
+    assert set(adata.obs["batch"]) == {"pbmc4k", "pbmc3k", "celltypist"}
+    assert adata.obs.loc[adata.obs["batch"] == "celltypist", "coarse_type"].isna().all()
+    assert coarse_labels(pd.Series(["Naive CD4 T", "T_CD4", "MNP"])).tolist() == ["CD4 T", "CD4 T", "Myeloid"]
+    r = evaluate_integration(adata, tiny, progress=False)
+    t = r["table"].set_index("method")
+    assert list(t.index[:2]) == ["CellFM (zero-shot)", "HVG+PCA"]
+    assert ((t[["ilisi_knn", "batch_asw", "nmi", "ari", "overall"]] >= -1e-6).all().all())
+    assert t.loc["HVG+PCA", "nmi"] > 0.3  # real cell types separate in PCA
+
+
+# ---- perturbation -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def papalexi(shared_data):
+    from cellfm.tasks.benchmark_data import load_benchmark
+
+    return load_benchmark("papalexi", shared_data)
+
+
+def test_perturbation_effects_show_ifng_pathway(papalexi):
+    from cellfm.tasks.perturbation import perturbation_effects
+
+    eff = perturbation_effects(papalexi)
+    assert eff.shape == (25, 299)
+    # IFN-gamma receptor / JAK-STAT knock-outs lower IFN-gamma targets in IFN-gamma-stimulated THP-1
+    for ko in ("IFNGR1", "JAK2", "STAT1"):
+        assert eff.loc[ko, "PSMB9"] < -0.3
+    bad = papalexi[:100].copy()
+    with pytest.raises(KeyError, match="perturbation"):
+        perturbation_effects(bad, condition_key="perturbation")
+    bad.obs["condition"] = "X+ctrl"
+    with pytest.raises(ValueError, match="control"):
+        perturbation_effects(bad)
+
+
+def test_perturbation_evaluation_holds_out_knockouts(papalexi, pbmc4k, tiny):
+    from cellfm.tasks.perturbation import evaluate_perturbation
+
+    r = evaluate_perturbation(papalexi, tiny, reference=pbmc4k[:300].copy())
+    t = r["table"].set_index("method")
+    assert len(t) == 5 and r["per_perturbation"]["perturbation"].nunique() == 25
+    # knock-outs in this screen share a pathway, so the mean of other knock-outs already correlates
+    assert t.loc["mean of training effects", "pearson_top_de"] > 0.1
+
+
+# ---- gene function and networks ---------------------------------------------------------------
+def test_gene_function_binary_task(shared_data, pbmc4k, tiny):
+    from cellfm.tasks.gene_function import evaluate_binary_tasks, vocab_symbols_of
+
+    assert vocab_symbols_of(["ENSG00000141510", "TP53", "NOTAGENE"], tiny).tolist() == ["TP53", "TP53", ""]
+    t = evaluate_binary_tasks(tiny, data_dir=shared_data, reference=pbmc4k, tasks=["bivalent_vs_lys4_only"],
+                              progress=False)
+    assert set(t["method"]) == {"CellFM", "expression stats", "random"}
+    assert t["auroc"].between(0, 1).all() and (t["n_genes"] > 150).all()
+    # bivalent (developmental, silent in blood) vs H3K4me3-only (active) genes: expression tells them apart
+    assert t.set_index("method").loc["expression stats", "auroc"] > 0.75
+    with pytest.raises(KeyError, match="unknown gene tasks"):
+        evaluate_binary_tasks(tiny, data_dir=shared_data, tasks=["no_such_task"])
+
+
+def test_go_terms_multilabel(shared_data, tiny):
+    from cellfm.tasks.gene_function import evaluate_go_terms, summarise_go
+
+    t = evaluate_go_terms(tiny, data_dir=shared_data, ontologies=("MF",), n_terms=2, max_genes=600,
+                          n_folds=3, progress=False)
+    assert t["go_id"].nunique() == 2 and set(t["method"]) == {"CellFM", "random"}
+    assert summarise_go(t)["n_terms"].eq(2).all()
+
+
+def test_neighbour_enrichment_detects_planted_modules():
+    from cellfm.tasks.gene_network import coannotation_enrichment, cosine_neighbours, gene_neighbours
+
+    rng = np.random.default_rng(0)
+    genes = np.array([f"G{i}" for i in range(300)])
+    module = np.repeat(np.arange(30), 10)  # 30 modules of 10 genes
+    sets = {f"T{m}": set(genes[module == m]) for m in range(30)}
+    planted = rng.normal(size=(30, 16))[module] + 0.3 * rng.normal(size=(300, 16))
+    idx, sim = cosine_neighbours(planted, 5)
+    assert (idx != np.arange(300)[:, None]).all() and (np.diff(sim, axis=1) <= 1e-6).all()
+    res = coannotation_enrichment(idx, genes, sets, n_permutations=20)
+    assert res["fold_enrichment"] > 5 and res["p_permutation"] < 0.1
+    noise, _ = cosine_neighbours(rng.normal(size=(300, 16)), 5)
+    assert coannotation_enrichment(noise, genes, sets, n_permutations=5)["fold_enrichment"] < 2
+    table = gene_neighbours(pd.DataFrame(planted, index=genes), k=3)
+    assert len(table) == 900 and table.iloc[0]["rank"] == 1
+
+
+# ---- report and CLI ------------------------------------------------------------------------
+def test_report_writes_markdown(shared_data, tiny, tmp_path):
+    from cellfm.tasks.report import run_evaluation
+
+    path = run_evaluation(tiny, tmp_path, data_dir=shared_data, tasks=("perturbation",), quick=True,
+                          progress=False)
+    text = path.read_text()
+    assert "| mean of training effects |" in text and "Failed" not in text
+    assert (tmp_path / "results.json").is_file()
+    with pytest.raises(ValueError, match="unknown tasks"):
+        run_evaluation(tiny, tmp_path, tasks=("dance",))
+
+
+def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cellfm.cli.tasks import annotate_app
+
+    app = typer.Typer()
+    app.add_typer(annotate_app, name="annotate")
+    ref = _slice(pbmc3k, "classified", 250)
+    ref.write_h5ad(tmp_path / "ref.h5ad")
+    runner = CliRunner()
+    args = ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "classified", "-o",
+            str(tmp_path / "ann"), "--model", "preset:tiny", "--max-epochs", "3", "--threads", "1"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    predict = ["annotate", "predict", str(tmp_path / "ref.h5ad"), "--model", str(tmp_path / "ann"),
+               "-o", str(tmp_path / "out.h5ad")]
+    res = runner.invoke(app, predict)
+    assert res.exit_code == 0, res.output
+    import anndata as ad
+
+    assert "cellfm_label" in ad.read_h5ad(tmp_path / "out.h5ad").obs
+    bad = runner.invoke(app, ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "nope", "-o",
+                              str(tmp_path / "x"), "--model", "preset:tiny"])
+    assert bad.exit_code == 1 and "nope" in bad.output
