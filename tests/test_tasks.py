@@ -286,3 +286,18 @@ def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
     bad = runner.invoke(app, ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "nope", "-o",
                               str(tmp_path / "x"), "--model", "preset:tiny"])
     assert bad.exit_code == 1 and "nope" in bad.output
+
+
+def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):
+    from cellfm.tasks.integration_finetune import ecs_loss, fine_tune_for_integration
+
+    at_threshold = torch.tensor([[1.0, 0.0], [0.8, 0.6]])  # cosine 0.8
+    identical = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # cosine 1: pushed away from 0.8, lower loss
+    torch.testing.assert_close(ecs_loss(at_threshold), torch.tensor((2 * 1.0 + 2 * (1 - 0.64)) / 4))
+    assert ecs_loss(identical) < ecs_loss(at_threshold)
+    before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    tuned = fine_tune_for_integration(_slice(pbmc3k, "classified", 64), tiny, epochs=1, progress=False)
+    for k, v in tiny.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    changed = [k for k, v in tuned.module.state_dict().items() if not torch.equal(v, before[k])]
+    assert "gene_emb" in changed and any(k.startswith("encoder") for k in changed)

@@ -160,6 +160,10 @@ def integrate(
     model: ModelOpt = "cellfm-mini",
     data_dir: DataDirOpt = None,
     max_cells_per_batch: Annotated[int | None, typer.Option(help="Subsample each batch.")] = None,
+    finetune_epochs: Annotated[
+        int,
+        typer.Option(help="Also score after this many epochs of self-supervised integration fine-tuning."),
+    ] = 0,
     threads: ThreadsOpt = None,
 ) -> None:
     """Batch integration benchmark (PBMC 4k + pbmc3k + celltypist sample; batch = data set)."""
@@ -172,7 +176,7 @@ def integrate(
         adata = build_pbmc_batches(data_dir, max_cells_per_batch=max_cells_per_batch)
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), 2)
-    r = evaluate_integration(adata, cfm)
+    r = evaluate_integration(adata, cfm, finetune_epochs=finetune_epochs)
     output.mkdir(parents=True, exist_ok=True)
     r["table"].to_csv(output / "integration_scores.tsv", sep="\t", index=False)
     embedding_maps(r["embeddings"], adata.obs, ["coarse_type", "batch"], output / "integration_maps.png")
@@ -267,6 +271,7 @@ def evaluate(
     ] = "",
     mode: Annotated[str, typer.Option(help="Annotation training mode: frozen, lora or full.")] = "frozen",
     quick: Annotated[bool, typer.Option(help="Subsample cells and genes (minutes on a CPU).")] = False,
+    integration_finetune_epochs: Annotated[int, typer.Option(help="Epochs of integration fine-tuning.")] = 1,
     threads: ThreadsOpt = None,
 ) -> None:
     """Run every downstream task on the real data and write a Markdown report."""

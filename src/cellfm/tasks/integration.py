@@ -108,11 +108,14 @@ def evaluate_integration(
     seed: int = 0,
     progress: bool = True,
     device: str | None = "cpu",
+    finetune_epochs: int = 0,
 ) -> dict:
     """Scores of the CellFM embedding and the baselines on `adata` (raw counts).
 
-    Writes obsm["X_cellfm"] and obsm["X_pca"] into `adata` (for plots). Returns {"table": DataFrame
-    (one row per method), "embeddings": {method: array}}.
+    Writes obsm["X_cellfm"] and obsm["X_pca"] into `adata` (for plots). With `finetune_epochs` > 0
+    the encoder is also fine-tuned on these cells first (`integration_finetune`, self-supervised:
+    no labels or batches are used) and scored as a further row (obsm["X_cellfm_finetuned"]).
+    Returns {"table": DataFrame (one row per method), "embeddings": {method: array}}.
     """
     from cellfm.embed import embed
     from cellfm.tasks.baselines import HvgPca
@@ -123,6 +126,14 @@ def evaluate_integration(
     embed(adata, model, device=device, progress=progress, empty="zero")
     adata.obsm["X_pca"] = HvgPca(seed=seed).fit_transform(adata.X)
     embeddings = {"CellFM (zero-shot)": adata.obsm["X_cellfm"], "HVG+PCA": adata.obsm["X_pca"]}
+    if finetune_epochs > 0:
+        from cellfm.tasks.integration_finetune import fine_tune_for_integration
+
+        tuned = fine_tune_for_integration(
+            adata, model, epochs=finetune_epochs, device=device, seed=seed, progress=progress
+        )
+        embed(adata, tuned, device=device, progress=progress, empty="zero", key_added="X_cellfm_finetuned")
+        embeddings[f"CellFM (fine-tuned, {finetune_epochs} ep)"] = adata.obsm["X_cellfm_finetuned"]
     embeddings.update(_optional_integrations(adata, batch_key))
     batches = adata.obs[batch_key].astype(str).to_numpy()
     labels = adata.obs[label_key].to_numpy() if label_key else None
