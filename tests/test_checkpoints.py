@@ -1,0 +1,148 @@
+"""Official checkpoint layouts (MindSpore .ckpt, CellFM-torch .pt) load into our model and give
+the same outputs; broken files give errors that name the problem."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import torch
+
+import cellfm
+from cellfm.checkpoints import (
+    CheckpointFormatError,
+    load_official_checkpoint,
+    read_mindspore_checkpoint,
+    write_mindspore_checkpoint,
+)
+from cellfm.cli import _register, app
+from cellfm.config import get_preset
+from cellfm.model import CellFMModule
+
+
+def official_names(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Our state dict under the official MindSpore parameter names."""
+    out = {}
+    for k, v in state.items():
+        k = re.sub(r"^value_enc\.(w1|w3|table|a)\b", r"value_enc.value_enc.\1", k)
+        k = re.sub(r"(post_norm\d)\.weight$", r"\1.gamma", k)
+        k = re.sub(r"(post_norm\d)\.bias$", r"\1.beta", k)
+        m = re.match(r"(encoder\.\d+\.(?:attn|ffn))\.([qkvuo])_proj\.lora_([ab])$", k)
+        if m:
+            k = f"{m.group(1)}.lora_{m.group(2)}.{m.group(3).upper()}.weight"
+        out[k] = v.detach().numpy().copy()
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    config = get_preset("tiny").replace(lora_rank=2)
+    module = CellFMModule(config).eval()
+    with torch.no_grad():  # non-trivial LoRA and value-encoder skip, so every key matters
+        for name, p in module.named_parameters():
+            if name.endswith(("lora_b", "value_enc.a", "mask_emb", "zero_emb")):
+                p.normal_(0, 0.1)
+    return module
+
+
+def _outputs(module, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 27855, (3, 40), generator=g)
+    vals = torch.rand(3, 40, generator=g) * 3
+    tok = torch.ones(3, 40, dtype=torch.bool)
+    tok[1, 25:] = False
+    hidden = torch.rand(3, 40, generator=g) < 0.2
+    with torch.no_grad():
+        o = module(ids, vals, tok, hidden)
+    return o.cell_emb, o.gene_pred, o.cell_pred
+
+
+def test_mindspore_layout_round_trip(tiny, tmp_path):
+    tensors = official_names(tiny.state_dict())
+    tensors["moment1.gene_emb"] = np.zeros((2, 2), np.float32)  # optimizer state is skipped
+    tensors["global_step"] = np.array([1234], np.int32)
+    tensors["learning_rate"] = np.array(1e-6, np.float32)
+    path = tmp_path / "CellFM_tiny.ckpt"
+    write_mindspore_checkpoint(tensors, path)
+    back = read_mindspore_checkpoint(path)
+    assert set(back) == set(tensors)
+    for k in tensors:
+        np.testing.assert_array_equal(back[k], tensors[k])
+    model = load_official_checkpoint(path, n_heads=4)
+    assert model.config.lora_rank == 2 and model.config.vocabulary == "cellfm-27k"
+    for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_heads_required_off_the_official_width(tiny, tmp_path):
+    path = tmp_path / "x.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    with pytest.raises(ValueError, match="n_heads"):
+        cellfm.load(path)
+
+
+def test_cellfm_torch_layout(tiny, tmp_path):
+    # CellFM-torch: LayerNorm weight/bias, wrapper prefix, spatial tokens our model does not use
+    state = {("net." + k.replace("gamma", "weight").replace("beta", "bias")): torch.from_numpy(v)
+             for k, v in official_names(tiny.state_dict()).items()}
+    state["net.ST_emb"] = torch.zeros(1, 2, 32)
+    torch.save({"model": state}, tmp_path / "cellfm_torch.pt")
+    with pytest.warns(UserWarning, match="ST_emb"):
+        model = load_official_checkpoint(tmp_path / "cellfm_torch.pt", n_heads=4)
+    for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_truncated_and_wrong_files(tiny, tmp_path):
+    path = tmp_path / "t.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    data = path.read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointFormatError, match="truncated|runs past the end"):
+        read_mindspore_checkpoint(tmp_path / "cut.ckpt")
+    (tmp_path / "junk.ckpt").write_bytes(b"\xff" * 100)
+    with pytest.raises(CheckpointFormatError):
+        read_mindspore_checkpoint(tmp_path / "junk.ckpt")
+    tensors = official_names(tiny.state_dict())
+    del tensors["encoder.1.ffn.o_proj.weight"]
+    tensors["encoder.0.attn.q_proj.weight"] = tensors["encoder.0.attn.q_proj.weight"][:, :8]
+    write_mindspore_checkpoint(tensors, tmp_path / "bad.ckpt")
+    with pytest.raises(ValueError, match=r"missing keys \['encoder.1.ffn.o_proj.weight'\].*shape mismatches"):
+        load_official_checkpoint(tmp_path / "bad.ckpt", n_heads=4)
+
+
+def test_convert_cli_writes_our_folder(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    path = tmp_path / "m.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    _register()
+    result = CliRunner().invoke(app, ["convert", str(path), "-o", str(tmp_path / "out"), "--n-heads", "4"])
+    assert result.exit_code == 0, result.output
+    model = cellfm.load(tmp_path / "out")
+    for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def _official_count(n_genes: int, d: int, n_layers: int, bins: int = 256) -> int:
+    """Parameters of the official MindSpore CellFM (model.py / retention.py, label=False,
+    add_zero=False), written from its definition: gene table rounded to 8 rows, cls, zero,
+    ValueEncoder (FFN w1 1->256, w3 256->256, a, table 256->d, mask_emb), per RetentionLayer
+    q,k,v,u,o + GLU u,v,o (bias-free d x d) and two LayerNorms, ValueDecoder w1 d x d + w2 d,
+    CellwiseDecoder map d x d."""
+    rows = n_genes + 1 + (-n_genes - 1) % 8
+    shapes = [(rows, d), (1, 1, d), (1, 1, d), (bins, 1), (bins, bins), (1, 1), (d, bins), (1, 1, d)]
+    for _ in range(n_layers):
+        shapes += [(d, d)] * 8 + [(d,)] * 4
+    shapes += [(d, d), (1, d), (d, d)]
+    return sum(int(np.prod(s)) for s in shapes)
+
+
+@pytest.mark.parametrize("preset,n_genes,layers", [("80m", 27855, 2), ("800m", 24078, 40)])
+def test_preset_parameter_counts_equal_official(preset, n_genes, layers):
+    with torch.device("meta"):
+        module = CellFMModule(get_preset(preset))
+    assert module.num_parameters() == _official_count(n_genes, 1536, layers)
+    assert {"80m": 85_731_585, "800m": 797_391_105}[preset] == module.num_parameters()
