@@ -116,9 +116,81 @@ def run_evaluation(
     if "gene_network" in tasks:
         section("Gene networks", lambda: _gene_network(model, data_dir, out, get_reference(), seed, progress))
 
+    summary = summary_table(results)
+    if len(summary):
+        sections.insert(2, "## Summary: CellFM vs the best baseline\n\n" + markdown_table(summary) + "\n")
     (out / "report.md").write_text("\n".join(sections))
     (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
     return out / "report.md"
+
+
+def summary_table(results: dict) -> pd.DataFrame:
+    """One row per task: the headline metric of CellFM next to the best baseline."""
+    rows = []
+
+    def add(task, metric, table, key, cellfm_rows, value):
+        if table is None or not len(table):
+            return
+        t = table.groupby(key, sort=False)[value].mean()
+        mine = t[[i for i in t.index if str(i).startswith(cellfm_rows)]]
+        base = t[[i for i in t.index if not str(i).startswith(cellfm_rows)]]
+        if len(mine) and len(base):
+            rows.append(
+                {
+                    "task": task,
+                    "metric": metric,
+                    "CellFM": mine.max(),
+                    "CellFM variant": mine.idxmax(),
+                    "best baseline": base.max(),
+                    "baseline": base.idxmax(),
+                }
+            )
+
+    get = lambda title, key: results.get(title, {}).get(key) if isinstance(results.get(title), dict) else None  # noqa: E731
+    add(
+        "annotation",
+        "macro-F1, mean over data sets",
+        get("Cell type annotation", "table"),
+        "method",
+        "CellFM",
+        "macro_f1",
+    )
+    add("integration", "scIB-style overall", get("Batch integration", "table"), "method", "CellFM", "overall")
+    add(
+        "perturbation",
+        "Pearson, top-20 DE genes",
+        get("Perturbation effect prediction", "table"),
+        "method",
+        "CellFM",
+        "pearson_top_de",
+    )
+    add(
+        "gene function (binary)",
+        "AUROC, mean over tasks",
+        get("Gene function", "binary"),
+        "method",
+        "CellFM",
+        "auroc",
+    )
+    add(
+        "gene function (GO)",
+        "AUROC, mean over terms",
+        get("Gene function", "go"),
+        "method",
+        "CellFM",
+        "auroc",
+    )
+    net = get("Gene networks", "table")
+    if net is not None:
+        add(
+            "gene network (GO BP)",
+            "fold enrichment",
+            net[net["annotation"] == "GO BP"],
+            "method",
+            "CellFM",
+            "fold_enrichment",
+        )
+    return pd.DataFrame(rows)
 
 
 def _jsonable(v):
