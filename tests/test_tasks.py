@@ -256,6 +256,7 @@ def test_report_writes_markdown(shared_data, tiny, tmp_path):
                           progress=False)
     text = path.read_text()
     assert "| mean of training effects |" in text and "Failed" not in text
+    assert "## Summary" in text and "| perturbation | Pearson, top-20 DE genes |" in text
     assert (tmp_path / "results.json").is_file()
     with pytest.raises(ValueError, match="unknown tasks"):
         run_evaluation(tiny, tmp_path, tasks=("dance",))
