@@ -9,9 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# MindSpore's nn.LeakyReLU default slope is 0.2 (PyTorch's is 0.01); the official weights were
+# trained with 0.2, so it is part of the model, not a detail.
+LEAKY_SLOPE = 0.2
+
 
 class ValueDecoder(nn.Module):
-    """Per token: Linear(d, d) -> LeakyReLU -> Linear(d, 1), bias-free."""
+    """Per token: Linear(d, d) -> LeakyReLU(0.2) -> Linear(d, 1), bias-free."""
 
     def __init__(self, d_model: int, zero_head: bool = False) -> None:
         super().__init__()
@@ -20,14 +24,14 @@ class ValueDecoder(nn.Module):
         self.zero_logit = None
         if zero_head:  # official add_zero: probability that the gene is expressed at all
             self.zero_logit = nn.Sequential(
-                nn.Linear(d_model, d_model), nn.LeakyReLU(),
-                nn.Linear(d_model, d_model), nn.LeakyReLU(),
+                nn.Linear(d_model, d_model), nn.LeakyReLU(LEAKY_SLOPE),
+                nn.Linear(d_model, d_model), nn.LeakyReLU(LEAKY_SLOPE),
                 nn.Linear(d_model, 1), nn.Sigmoid(),
             )
 
     def forward(self, token_emb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # token_emb (B, L, D) -> pred (B, L), zero_prob (B, L) or None
-        pred = self.w2(F.leaky_relu(self.w1(token_emb), 0.01)).squeeze(-1)
+        pred = self.w2(F.leaky_relu(self.w1(token_emb), LEAKY_SLOPE)).squeeze(-1)
         zero_prob = None if self.zero_logit is None else self.zero_logit(token_emb).squeeze(-1)
         return pred, zero_prob
 

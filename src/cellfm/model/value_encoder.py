@@ -1,6 +1,6 @@
 """Value encoder: a scalar expression value -> a d-dimensional embedding by soft binning.
 
-Official "ValueEncoder"/"FFN": v -> Linear(1, bins) -> LeakyReLU -> w3(h) + a * h -> softmax over
+Official "ValueEncoder"/"FFN": v -> Linear(1, bins) -> LeakyReLU(0.2) -> w3(h) + a * h -> softmax over
 the bins -> Linear(bins, d). Hidden (masked) values use a learned `mask_emb` instead.
 """
 
@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cellfm.model.decoders import LEAKY_SLOPE
 
 
 class ValueEncoder(nn.Module):
@@ -22,7 +24,7 @@ class ValueEncoder(nn.Module):
 
     def forward(self, values: torch.Tensor, hidden_mask: torch.Tensor | None = None) -> torch.Tensor:
         # values (B, L) -> (B, L, D)
-        h = F.leaky_relu(self.w1(values.unsqueeze(-1)), 0.01)  # (B, L, bins)
+        h = F.leaky_relu(self.w1(values.unsqueeze(-1)), LEAKY_SLOPE)  # (B, L, bins)
         h = torch.softmax(self.w3(h) + h * self.a, dim=-1)
         emb = self.table(h)  # (B, L, D)
         if hidden_mask is not None:
