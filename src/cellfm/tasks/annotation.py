@@ -157,6 +157,12 @@ class CellTypeAnnotator:
             )
         else:
             self.encoder = _trainable_copy(base, mode, lora_rank)
+            # linear-probe-then-fine-tune (Kumar et al. 2022): a head fitted on the frozen
+            # embeddings first, so early encoder updates follow a sensible head instead of a random
+            # one; the fine-tuning below keeps this state unless it lowers the validation loss
+            self._train_frozen(
+                emb, y, train_idx, val_idx, loss_fn, 100, patience, batch_size, head_lr, dev, seed, progress
+            )
             self._train_encoder(
                 ref,
                 y,
@@ -167,7 +173,7 @@ class CellTypeAnnotator:
                 patience,
                 batch_size,
                 lr,
-                head_lr,
+                lr,  # the warm head moves at the encoder's pace (the official recipe: one lr)
                 dev,
                 seed,
                 progress,
@@ -248,6 +254,9 @@ class CellTypeAnnotator:
                 opt.zero_grad()
                 loss_fn(logits_of(b), y_train[b.cell_index.cpu()].to(dev)).backward()
                 opt.step()
+            return val_loss()
+
+        def val_loss() -> float:
             module.eval()
             self.head.eval()
             total, n = 0.0, 0
@@ -258,7 +267,7 @@ class CellTypeAnnotator:
                     n += len(b)
             return total / max(n, 1)
 
-        self._early_stopping(epoch, [self.head, module], max_epochs, patience, progress)
+        self._early_stopping(epoch, [self.head, module], max_epochs, patience, progress, initial=val_loss)
         module.cpu().eval()
         if self.encoder.config.lora_rank:
             module.merge_lora()  # same outputs, plain linear cost, plain checkpoint keys
@@ -266,12 +275,19 @@ class CellTypeAnnotator:
             module.config = self.encoder.config
 
     def _early_stopping(
-        self, epoch_fn, modules: list[nn.Module], max_epochs: int, patience: int, progress: bool
+        self, epoch_fn, modules: list[nn.Module], max_epochs: int, patience: int, progress: bool, initial=None
     ) -> None:
+        """Run epochs until the validation loss stops improving; keep the best state (which, with
+        `initial`, may be the state before the first epoch)."""
         from tqdm.auto import trange
 
         best, best_state, waited = float("inf"), None, 0
-        self.history = []
+        if initial is not None:
+            best = initial()
+            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
+            self.history.append({"epoch": 0, "val_loss": best, "phase": "fine-tune start"})
+        else:
+            self.history = []
         bar = trange(max_epochs, desc=f"annotate fit ({self.settings['mode']})", disable=not progress)
         for ep in bar:
             val_loss = epoch_fn()
