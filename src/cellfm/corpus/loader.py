@@ -15,6 +15,7 @@ import ctypes
 import sys
 from collections.abc import Iterator
 
+import torch
 from torch.utils.data import DataLoader
 
 from cellfm.batch import CellBatch
@@ -66,8 +67,11 @@ class CorpusLoader:
     def __iter__(self) -> Iterator[CellBatch]:
         self.consumed = self.dataset.start_batch
         kw = {"prefetch_factor": self.prefetch_factor} if self.num_workers and self.prefetch_factor else {}
+        # Own generator: DataLoader draws a base seed from it, which would otherwise advance the
+        # global torch RNG (dropout) and break bitwise resume; batches do not depend on it.
         dl = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                        pin_memory=self.pin_memory, worker_init_fn=_init_worker, **kw)
+                        pin_memory=self.pin_memory, worker_init_fn=_init_worker,
+                        generator=torch.Generator().manual_seed(self.dataset.seed), **kw)
         for batch in dl:
             self.consumed += 1
             yield batch
