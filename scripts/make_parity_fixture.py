@@ -51,7 +51,8 @@ def prepare(h5ad: str) -> None:
         n = int(tok[j].sum())
         hidden[j, :n] = mask_values(n, rng)[0]
     torch.manual_seed(0)
-    config = ModelConfig(n_genes=N_GENES, d_model=D, n_layers=LAYERS, n_heads=HEADS, value_bins=256, dropout=0.0)
+    config = ModelConfig(n_genes=N_GENES, d_model=D, n_layers=LAYERS, n_heads=HEADS, value_bins=256,
+                         dropout=0.0)
     module = CellFMModule(config)
     with torch.no_grad():
         module.value_enc.a.fill_(0.3)
@@ -88,7 +89,8 @@ def official(repo: str) -> None:
     own = {p.name for p in net.get_parameters()}
     missing = own - set(params)
     assert not missing, f"official parameters without a value: {sorted(missing)}"
-    ms.load_param_into_net(net, {k: ms.Parameter(ms.Tensor(v), name=k) for k, v in params.items() if k in own})
+    ms.load_param_into_net(net, {k: ms.Parameter(ms.Tensor(v), name=k)
+                                 for k, v in params.items() if k in own})
 
     ids, vals, tok, hidden = z["gene_ids"], z["values"], z["token_mask"], z["hidden_mask"]
     B, L = ids.shape
@@ -100,7 +102,8 @@ def official(repo: str) -> None:
     zero_idx = np.pad(np.concatenate([np.ones((B, 1)), tok], 1), ((0, 0), (0, pad))).astype(np.float32)
     t = ms.Tensor
     emb, gene_emb, cls = net.forward(t(expr), t(ids_p), t(zero_idx))
-    gw, cw = net(t(vals.astype(np.float32)), t(expr), t(ids_p), t(np.zeros_like(zero_idx[:, 1:])), t(zero_idx))
+    gw, cw = net(t(vals.astype(np.float32)), t(expr), t(ids_p), t(np.zeros_like(zero_idx[:, 1:])),
+                 t(zero_idx))
     np.savez_compressed(FIXTURE / "official_outputs.npz", cell_emb=cls.asnumpy(),
                         gene_pred=gw.asnumpy()[:, :L], cell_pred=cw.asnumpy()[:, :L],
                         mindspore_version=np.array(ms.__version__))

@@ -177,6 +177,10 @@ def pretrain(cfg: TrainConfig) -> Path:
             stats[:3] /= env.world_size
             all_reduce_sum(stats)
             tokens_seen, tokens_local = tokens_seen + int(stats[3]), 0
+            if not torch.isfinite(stats[0]):  # every rank sees the reduced value, so all stop
+                raise FloatingPointError(
+                    f"training loss is {float(stats[0])} at step {step}: lower lr (now {lr:.2e}) or "
+                    f"grad_clip; the run restarts from its newest checkpoint in {ckpt_root}")
             log.write({"step": step, "loss": float(stats[0]), "gene_mse": float(stats[1]),
                        "cell_mse": float(stats[2]), "lr": lr, "grad_norm": float(grad_norm),
                        "tokens": tokens_seen, "epoch": dataset.epoch,
