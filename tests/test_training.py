@@ -184,3 +184,17 @@ def test_two_processes_need_a_parallel_mode(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ValueError, match="parallel='none'"):
         init_distributed("cpu", "none")
+
+
+def test_init_from_copies_a_saved_model_and_checks_its_shape(tmp_path):
+    import cellfm
+    from cellfm.model import CellFMModule
+    from cellfm.training.loop import initial_weights
+
+    saved = cellfm.CellFM.from_preset("tiny").save(tmp_path / "m")
+    module = CellFMModule(cellfm.config.get_preset("tiny").replace(dropout=0.1))
+    initial_weights(module, str(saved))
+    _assert_same(_weights(saved), module.state_dict())
+    wider = CellFMModule(cellfm.config.get_preset("tiny").replace(d_model=64))
+    with pytest.raises(ValueError, match="make preset / \\[model\\] match the saved model"):
+        initial_weights(wider, str(saved))

@@ -60,8 +60,8 @@ def initial_weights(module: torch.nn.Module, source: str) -> None:
     from cellfm.cellfm import load
 
     model = load(source)
-    own, theirs = module.config if hasattr(module, "config") else None, model.config
-    if own is not None and own.replace(dropout=theirs.dropout, lora_rank=theirs.lora_rank) != theirs:
+    own, theirs = module.config, model.config
+    if own.replace(dropout=theirs.dropout, lora_rank=theirs.lora_rank) != theirs:
         raise ValueError(f"init_from={source!r} has config {theirs}, the training config builds {own}: "
                          "make preset / [model] match the saved model")
     missing, unexpected = module.load_state_dict(model.module.state_dict(), strict=False)
@@ -77,8 +77,7 @@ def export_model(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv, path: 
     from cellfm.cellfm import CellFM
     from cellfm.model import CellFMModule
 
-    inner = module.module if hasattr(module, "module") and cfg.parallel == "ddp" else module
-    state = get_model_state_dict(inner, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
         return None
     mc = cfg.model_config()
@@ -113,8 +112,7 @@ def pretrain(cfg: TrainConfig) -> Path:
         module.zero_emb.requires_grad_(False)  # (DDP would wait for its gradient forever)
     module.train()
     model = wrap_model(module, cfg.parallel, env)
-    inner = model.module if cfg.parallel == "ddp" else model  # has the parameter names
-    optimizer, scheduler = make_optimizer(inner, cfg)
+    optimizer, scheduler = make_optimizer(module, cfg)  # `module`: the parameter names, also under DDP
     autocast_dtype = torch.bfloat16 if cfg.bf16 and env.device.type == "cuda" else None
 
     dataset = CorpusDataset(cfg.corpus_dir, seed=cfg.seed, epoch=0, rank=env.rank, world_size=env.world_size,
@@ -136,7 +134,7 @@ def pretrain(cfg: TrainConfig) -> Path:
     step, tokens_seen, tokens_local, elapsed_before = 0, 0, 0, 0.0
     found = checkpoint_dirs(ckpt_root)
     if found:
-        state = load_checkpoint(found[-1][1], inner, optimizer, env)
+        state = load_checkpoint(found[-1][1], module, optimizer, env)
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         loader.load_state_dict(state["loader"])
@@ -165,7 +163,7 @@ def pretrain(cfg: TrainConfig) -> Path:
         terms = pretraining_loss(output, batch)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
-        grad_norm = clip_gradients(inner.parameters(), cfg.grad_clip, cfg.grad_clip_mode)
+        grad_norm = clip_gradients(module.parameters(), cfg.grad_clip, cfg.grad_clip_mode)
         optimizer.step()
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
@@ -197,11 +195,11 @@ def pretrain(cfg: TrainConfig) -> Path:
             trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                              "loader": loader.state_dict(), "tokens": tokens_seen,
                              "elapsed_s": elapsed_before + time.perf_counter() - t0}
-            save_checkpoint(ckpt_root, step, inner, optimizer, trainer_state, env, keep=cfg.keep_checkpoints)
+            save_checkpoint(ckpt_root, step, module, optimizer, trainer_state, env, keep=cfg.keep_checkpoints)
     if bar is not None:
         bar.close()
     model_dir = out / "model"
     if step >= cfg.max_steps:
-        export_model(inner, cfg, env, model_dir)
+        export_model(module, cfg, env, model_dir)
     barrier()
     return model_dir
