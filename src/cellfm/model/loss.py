@@ -24,8 +24,12 @@ def masked_bce(prob: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return (nll * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def pretraining_loss(output: ModelOutput, batch: CellBatch) -> dict[str, torch.Tensor]:
-    """Returns {'loss', 'gene_mse', 'cell_mse'[, 'gene_bce', 'cell_bce']}."""
+def pretraining_loss(output: ModelOutput, batch: CellBatch, cellwise_weight: float = 1.0
+                     ) -> dict[str, torch.Tensor]:
+    """Returns {'loss', 'gene_mse', 'cell_mse'[, 'gene_bce', 'cell_bce']}.
+
+    loss = gene terms + cellwise_weight * cell terms (official: weight 1).
+    """
     mask = batch.loss_mask if batch.loss_mask is not None else batch.token_mask
     mask = mask & batch.token_mask
     terms = {
@@ -36,5 +40,5 @@ def pretraining_loss(output: ModelOutput, batch: CellBatch) -> dict[str, torch.T
         expressed = (batch.values != 0).float()
         terms["gene_bce"] = masked_bce(output.gene_zero_prob, expressed, mask)
         terms["cell_bce"] = masked_bce(output.cell_zero_prob, expressed, mask)
-    terms["loss"] = sum(terms.values())
+    terms["loss"] = sum(v * (cellwise_weight if k.startswith("cell") else 1.0) for k, v in terms.items())
     return terms

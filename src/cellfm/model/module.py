@@ -112,6 +112,8 @@ class CellFMModule(nn.Module):
         cell_emb, token_emb = states[:, 0], states[:, 1:]
         gene_pred, gene_zero = self.value_dec(token_emb)
         cell_pred, cell_zero = self.cellwise_dec(cell_emb, gene_emb)
+        if self.config.cellwise_offset:
+            cell_pred = cell_pred + visible_mean(values, token_mask, hidden_mask)
         return ModelOutput(cell_emb, token_emb, gene_emb, gene_pred, cell_pred, gene_zero, cell_zero)
 
     def merge_lora(self) -> None:
@@ -121,6 +123,15 @@ class CellFMModule(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def visible_mean(values: torch.Tensor, token_mask: torch.Tensor, hidden_mask: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """(B, 1) mean value of the tokens the encoder sees: the cell's library-size level, known from
+    the input, so the cell-wise decoder can add it instead of reading it from the CLS."""
+    seen = token_mask if hidden_mask is None else token_mask & ~hidden_mask
+    seen = seen.to(values.dtype)
+    return (values * seen).sum(1, keepdim=True) / seen.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def approx_flops_per_token(config: ModelConfig) -> float:
