@@ -26,9 +26,9 @@ PROBES = {"pbmc3k_clustifyr/pbmc3k_clustifyr_2000hvg.h5ad": "classified",
           "pbmc4k_soupx/pbmc4k_soupx_half.h5ad": "cell_type",
           "pbmc68k_reduced_scanpy/pbmc68k_reduced_counts.h5ad": "bulk_labels"}
 
-BASE = dict(preset="small", batch_size=16, max_steps=300, lr=1e-3, start_lr=1e-5, min_lr=1e-5, warmup_steps=30,
-            val_fraction=0.1, eval_every=100, eval_batches=4, ckpt_every=100, log_every=20, seed=0, threads=1,
-            progress=False, probe_max_cells=400)
+BASE = dict(preset="small", batch_size=16, max_steps=300, lr=1e-3, start_lr=1e-5, min_lr=1e-5,
+            warmup_steps=30, val_fraction=0.1, eval_every=100, eval_batches=4, ckpt_every=100,
+            log_every=20, seed=0, threads=1, progress=False, probe_max_cells=400)
 BASE_MODEL = {"max_genes": 512}
 
 # name -> (what it tests, TrainConfig overrides, ModelConfig overrides)

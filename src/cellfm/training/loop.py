@@ -93,7 +93,7 @@ def load_probes(cfg: TrainConfig, mc) -> list:
 
     return [load_probe_set(f, key, mc.vocabulary, max_cells=cfg.probe_max_cells, max_genes=mc.max_genes,
                            seed=cfg.seed)
-            for f, key in zip(cfg.probe_files, cfg.probe_label_keys())]
+            for f, key in zip(cfg.probe_files, cfg.probe_label_keys(), strict=True)]
 
 
 def pretrain(cfg: TrainConfig) -> Path:

@@ -46,8 +46,8 @@ def load_probe_set(path: str | Path, label_key: str, vocabulary: str, *, max_cel
         raise FileNotFoundError(f"probe file {path} not found (TrainConfig.probe_files)")
     adata = ad.read_h5ad(path)
     if label_key not in adata.obs.columns:
-        raise KeyError(f"probe file {path.name} has no obs column {label_key!r} (TrainConfig.probe_label_key); "
-                       f"columns: {list(adata.obs.columns)}")
+        raise KeyError(f"probe file {path.name} has no obs column {label_key!r} "
+                       f"(TrainConfig.probe_label_key); columns: {list(adata.obs.columns)}")
     labels = adata.obs[label_key].astype(str).to_numpy()
     rows = np.flatnonzero(~np.isin(labels, ["?", "", "nan", "unknown", "Unknown"]))
     if len(rows) > max_cells:
@@ -107,7 +107,7 @@ def probe_accuracy(emb: np.ndarray, labels: np.ndarray, *, folds: int = 5, k: in
 
 def probe_scores(module: nn.Module, probes: list[ProbeSet], device: torch.device | str = "cpu"
                  ) -> dict[str, float]:
-    """{'probe/<set>/knn_acc', 'probe/<set>/linear_acc', ..., 'probe/mean_knn_acc', 'probe/mean_linear_acc'}."""
+    """{'probe/<set>/knn_acc', 'probe/<set>/linear_acc', ..., 'probe/mean_knn_acc', ...}."""
     scores: dict[str, float] = {}
     for p in probes:
         for key, val in probe_accuracy(cls_embeddings(module, p, device), p.labels).items():
