@@ -31,15 +31,19 @@ BASE = dict(preset="small", batch_size=16, max_steps=300, lr=1e-3, start_lr=1e-5
             log_every=20, seed=0, threads=1, progress=False, probe_max_cells=400)
 BASE_MODEL = {"max_genes": 512}
 
-# name -> (what it tests, TrainConfig overrides, ModelConfig overrides)
+# name -> (what it tests, TrainConfig overrides, ModelConfig overrides). The A runs used the loader
+# before shard mixing existed (one source file per batch, as mix_shards=1 now does).
 VARIANTS: dict[str, tuple[str, dict, dict]] = {
-    "A0_official": ("official objective (gene-wise + cell-wise MSE, mask 0.2)", {}, {}),
-    "A1_cellw5": ("cell-wise loss x5", {"cellwise_weight": 5.0}, {}),
-    "A2_mask05": ("mask ratio 0.5", {}, {"mask_ratio": 0.5}),
-    "A3_offset": ("cell-wise decoder adds the visible mean (library level off the CLS)", {},
-                  {"cellwise_offset": True}),
-    "A4_offset_mask05": ("offset + mask 0.5", {}, {"cellwise_offset": True, "mask_ratio": 0.5}),
-    "A5_offset_cellw5": ("offset + cell-wise x5", {"cellwise_weight": 5.0}, {"cellwise_offset": True}),
+    "A0_official": ("official objective (gene-wise + cell-wise MSE, mask 0.2), batches from one file",
+                    {"mix_shards": 1}, {}),
+    "A3_offset": ("A0 + cell-wise decoder adds the visible mean (library level off the CLS)",
+                  {"mix_shards": 1}, {"cellwise_offset": True}),
+    "B0_mixed": ("official objective, batches mix all files (mix_shards=16)", {"mix_shards": 16}, {}),
+    "B1_mixed_offset": ("B0 + cell-wise offset", {"mix_shards": 16}, {"cellwise_offset": True}),
+    "B2_mixed_offset_cellw5": ("B1 + cell-wise loss x5", {"mix_shards": 16, "cellwise_weight": 5.0},
+                               {"cellwise_offset": True}),
+    "B3_mixed_offset_mask05": ("B1 + mask ratio 0.5", {"mix_shards": 16},
+                               {"cellwise_offset": True, "mask_ratio": 0.5}),
 }
 
 

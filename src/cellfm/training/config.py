@@ -65,6 +65,7 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda:LOCAL_RANK if available, else cpu
     num_workers: int = 0  # DataLoader worker processes per training process
     threads: int | None = None  # torch.set_num_threads for CPU runs
+    mix_shards: int = 16  # cells of this many corpus shards are shuffled together (1: a shard at a time)
     cellwise_weight: float = 1.0  # weight of the cell-wise (CLS) decoder's loss terms; official 1
     # cell-identity probe: labelled .h5ad files (raw counts) whose CLS embeddings are scored by kNN and
     # linear-probe accuracy at step 0 and at every evaluation; probe_label_key: one obs column for
@@ -91,6 +92,8 @@ class TrainConfig:
         if isinstance(self.probe_label_key, list) and len(self.probe_label_key) != len(self.probe_files):
             raise ValueError(f"probe_label_key has {len(self.probe_label_key)} entries for "
                              f"{len(self.probe_files)} probe_files: give one key, or one per file")
+        if self.mix_shards < 1:
+            raise ValueError(f"mix_shards must be >= 1, got {self.mix_shards}")
         if self.cellwise_weight < 0:
             raise ValueError(f"cellwise_weight must be >= 0, got {self.cellwise_weight}")
         self.model_config()  # fail now on a bad preset or override, not after the corpus loads
