@@ -13,6 +13,11 @@ for the other two (as the official fine-tuning pipeline draws). Two layouts: "pa
 two cells with hidden values, padding) and "zero" (add_zero, pad_zero=False: the zero-token batch
 of the training-step fixture, with hidden values). The official model's `forward` runs in PyNative
 on the CPU; we store its CLS output and both decoders' predictions.
+
+Also one integration fine-tuning step as the tutorial runs it (add_zero, pad_zero=False, ECS 0.8,
+training mode): loss and every gradient (`value_and_grad`, stored as in the training-step fixture)
+on the zero-token batch, the encoder fed values scaled by `DOWNSAMPLED_INPUT` (standing in for the
+down-sampled values) and the loss aimed at the original ones.
 """
 
 from __future__ import annotations
@@ -23,11 +28,12 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_train_parity_fixture import official_name  # noqa: E402
+from make_train_parity_fixture import official_name, pack_gradient  # noqa: E402
 
 FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "parity"
 D, LAYERS, HEADS, N_GENES, PAD_LEN = 32, 4, 4, 27855, 1040
 SAMPLED_FRACTION = np.array([1.0, 0.5, 1.0, 0.7], np.float32)  # S / T per cell
+DOWNSAMPLED_INPUT = np.array([1.0, 0.9, 1.0, 0.8], np.float32)  # encoder input / target values per cell
 
 
 def st_official_name(k: str) -> str:
@@ -89,11 +95,11 @@ def official(repo: str) -> None:
                         for k in f.files if k.startswith("w:")})
     st_feat = np.log1p(np.stack([s["sampled_totals"], s["totals"]], -1) / 1000).astype(np.float32)
 
-    def build(add_zero: bool):
+    def build(add_zero: bool, ecs: bool = False):
         cfg = Config()
         cfg.enc_dims, cfg.enc_nlayers, cfg.enc_num_heads = D, LAYERS, HEADS
         cfg.recompute, cfg.dropout, cfg.enc_dropout, cfg.lora = False, 0.0, 0.0, 0
-        cfg.add_zero, cfg.pad_zero, cfg.label, cfg.ecs = add_zero, not add_zero, False, False
+        cfg.add_zero, cfg.pad_zero, cfg.label, cfg.ecs = add_zero, not add_zero, False, ecs
         net = FinetuneModel(N_GENES, cfg)
         w = dict(weights)
         if add_zero:
@@ -127,6 +133,19 @@ def official(repo: str) -> None:
     expr = np.stack([~hidden, np.where(hidden, 0, vals)], -1).astype(np.float32)
     out["zero:cell_emb"], out["zero:gene_pred"], out["zero:cell_pred"] = run(
         build(True), expr, ids.astype(np.int32), (vals != 0).astype(np.float32), ids.shape[1])
+    # one integration fine-tuning step
+    net = build(True, ecs=True)
+    net.set_train(True)
+    dw = vals * DOWNSAMPLED_INPUT[:, None]
+    expr = np.stack([~hidden, np.where(hidden, 0, dw)], -1).astype(np.float32)
+    params = net.trainable_params()
+    step = ms.value_and_grad(net, grad_position=None, weights=params)
+    T = ms.Tensor
+    loss, grads = step(T(vals.astype(np.float32)), T(expr), T(st_feat), T(ids.astype(np.int32)),
+                       T(t["zero_loss"].astype(np.float32)), T((vals != 0).astype(np.float32)))
+    out["step:loss"] = np.array(float(loss.asnumpy()))
+    for p, g in zip(params, grads, strict=True):
+        out.update({f"step:{k}": v for k, v in pack_gradient(p.name, g.asnumpy(), z["used_rows"]).items()})
     np.savez_compressed(FIXTURE / "st_official.npz", **out)
     print("wrote", FIXTURE / "st_official.npz", "mindspore", ms.__version__)
 

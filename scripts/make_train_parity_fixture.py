@@ -67,6 +67,30 @@ def pack_gradient(name: str, g: np.ndarray, used_rows: np.ndarray) -> dict[str, 
     return out
 
 
+def gradient_errors(ours: dict[str, np.ndarray], ref, prefix: str, used_rows: np.ndarray,
+                    to_official=None) -> dict[str, float]:
+    """Relative error of each of our gradients (our names) against the packed official ones in
+    `ref` under `prefix`: ||ours - theirs|| / ||theirs|| on the full tensor or its sketch, or the
+    relative error of the norm if larger; the max |entry| where the official gradient is zero."""
+    to_official = to_official or official_name
+    errs = {}
+    for name, g in ours.items():
+        off = to_official(name)
+        packed = pack_gradient(off, g, used_rows)
+        norm_ref = float(ref[f"{prefix}:norm:{off}"])
+        if norm_ref == 0:  # e.g. the zero embedding under pad_zero: no gradient on either side
+            errs[name] = float(np.abs(g).max())
+            continue
+        key = f"grad:{off}" if f"{prefix}:grad:{off}" in ref.files else f"sketch:{off}"
+        mine, theirs = np.asarray(packed[key], np.float64), np.asarray(ref[f"{prefix}:{key}"], np.float64)
+        errs[name] = max(float(np.linalg.norm(mine - theirs) / np.linalg.norm(theirs)),
+                         abs(float(packed[f"norm:{off}"]) - norm_ref) / norm_ref)
+    # the official gene table's gradient lives in the used rows only, as ours does
+    full, used = float(ref[f"{prefix}:norm:gene_emb"]), float(ref[f"{prefix}:norm:gene_emb_used"])
+    errs["gene_emb (rows outside the batch)"] = abs(full - used) / full
+    return errs
+
+
 def official_name(k: str) -> str:
     k = re.sub(r"^value_enc\.(w1|w3|table|a)\b", r"value_enc.value_enc.\1", k)
     k = re.sub(r"(post_norm\d)\.weight$", r"\1.gamma", k)

@@ -25,8 +25,8 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_train_parity_fi
 LOSS_RTOL, GRAD_RTOL = 1e-5, 1e-3
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("make_train_parity_fixture", SCRIPT)
+def fixture_script(path: Path = SCRIPT):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -66,26 +66,10 @@ def _our_step(mode: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]
 
 def _relative_errors(mode: str) -> tuple[float, dict[str, float]]:
     ref = np.load(FIXTURE / "train_official.npz")
-    sk = _script()
     terms, grads, used = _our_step(mode)
     loss_ref = float(ref[f"{mode}:loss"])
     loss_err = abs(float(terms["loss"].detach()) - loss_ref) / abs(loss_ref)
-    errs = {}
-    for name, g in grads.items():
-        off = sk.official_name(name)
-        packed = sk.pack_gradient(off, g, used)
-        norm_ref = float(ref[f"{mode}:norm:{off}"])
-        if norm_ref == 0:  # e.g. the zero embedding under pad_zero: no gradient on either side
-            errs[name] = float(np.abs(g).max())
-            continue
-        key = f"grad:{off}" if f"{mode}:grad:{off}" in ref.files else f"sketch:{off}"
-        ours, theirs = np.asarray(packed[key], np.float64), np.asarray(ref[f"{mode}:{key}"], np.float64)
-        errs[name] = max(float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)),
-                         abs(float(packed[f"norm:{off}"]) - norm_ref) / norm_ref)
-    # the official gene table's gradient lives in the used rows only, as ours does
-    table_ref = ref[f"{mode}:norm:gene_emb"], ref[f"{mode}:norm:gene_emb_used"]
-    errs["gene_emb (rows outside the batch)"] = float(abs(table_ref[0] - table_ref[1]) / table_ref[0])
-    return loss_err, errs
+    return loss_err, fixture_script().gradient_errors(grads, ref, mode, used)
 
 
 @pytest.mark.parametrize("mode", ["pad", "zero"])
