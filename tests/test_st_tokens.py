@@ -40,7 +40,7 @@ def test_batches_carry_totals_and_downsampling_thins_counts(pbmc3k_cells):
     torch.testing.assert_close((new * tok).sum(1), sampled.double(), rtol=1e-5, atol=0)
 
 
-def test_st_fine_tuning_trains_new_st_tokens_on_a_copy(pbmc3k_cells):
+def test_st_fine_tuning_trains_new_st_tokens_on_a_copy(pbmc3k_cells, tmp_path):
     from cellfm.tasks.integration_finetune import fine_tune_for_integration
 
     torch.manual_seed(0)
@@ -49,6 +49,8 @@ def test_st_fine_tuning_trains_new_st_tokens_on_a_copy(pbmc3k_cells):
                                       progress=False)
     assert not model.config.st_tokens and model.module.st is None
     assert tuned.config.st_tokens
-    assert float(tuned.module.st.enc.a.abs()) > 0  # started at 0: the ST encoder got gradients
+    assert float(tuned.module.st.enc.a.detach().abs()) > 0  # started at 0: the ST encoder got gradients
     emb = tuned.get_cell_embeddings(pbmc3k_cells[:8])  # embedding uses CLS alone, as the tutorial
     assert emb.shape == (8, tuned.config.d_model) and np.isfinite(emb).all()
+    back = cellfm.load(tuned.save(tmp_path / "tuned"))  # the ST weights survive our folder format
+    assert back.config.st_tokens and torch.equal(back.module.st.emb, tuned.module.st.emb)

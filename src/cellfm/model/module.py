@@ -61,7 +61,8 @@ class CellFMModule(nn.Module):
         """Official init: Xavier-normal(0.5) tables, Xavier gain (8 n_layers)^-1/4 on v, u, o."""
         nn.init.xavier_normal_(self.gene_emb, gain=0.5)
         self.gene_emb[0].zero_()
-        nn.init.xavier_normal_(self.cls_token.view(1, -1), gain=0.5)
+        # MindSpore's XavierNormal(0.5) on the (1, 1, D) token: fan_in = fan_out = D
+        nn.init.normal_(self.cls_token, std=0.5 * self.config.d_model**-0.5)
         if self.st is not None:
             self.st.reset_parameters()
         beta = (8 * self.config.n_layers) ** -0.25

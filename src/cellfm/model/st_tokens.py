@@ -33,7 +33,8 @@ class STTokens(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        nn.init.xavier_normal_(self.emb.view(N_ST_TOKENS, -1), gain=0.5)
+        # MindSpore's XavierNormal(0.5) on (1, 2, D): fan_in = 2 D, fan_out = D
+        nn.init.normal_(self.emb, std=0.5 * (2 / (3 * self.emb.shape[-1])) ** 0.5)
 
     def forward(self, st_feat: torch.Tensor) -> torch.Tensor:
         # st_feat (B, 2) -> (B, 2, D)
