@@ -27,10 +27,12 @@ def test_probe_set_tokenizes_labelled_cells(pbmc68k):
 
     probe = load_probe_set(pbmc68k, "bulk_labels", "cellfm-27k", max_cells=300)
     labels = ad.read_h5ad(pbmc68k).obs["bulk_labels"].astype(str)
-    assert len(probe.labels) == 300 and set(probe.classes) <= set(labels)
+    n = len(probe.labels)
+    assert 250 < n <= 300 and set(probe.classes) <= set(labels)
+    assert np.bincount(probe.labels).min() >= 10  # classes too small to cross-validate are left out
     assert (probe.labels >= 0).all()  # every cell has matched genes
     seen = np.concatenate([b.cell_index.numpy() for b in probe.batches])
-    assert sorted(seen) == list(range(300))
+    assert sorted(seen) == list(range(n))
     with pytest.raises(KeyError, match="probe_label_key"):
         load_probe_set(pbmc68k, "no_such_column", "cellfm-27k")
 
