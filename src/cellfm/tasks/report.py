@@ -56,7 +56,7 @@ def run_evaluation(
 
     `quick` subsamples cells and genes (minutes on a laptop CPU instead of tens of minutes).
     """
-    from cellfm.embed import resolve_model
+    from cellfm.embedding import resolve_model
     from cellfm.tasks.benchmark_data import default_data_dir, load_benchmark
 
     unknown = sorted(set(tasks) - set(TASKS))
