@@ -47,7 +47,7 @@ def run_cli() -> Iterator[object]:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(err.code) from None
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/] (Ctrl-C): stopped before writing any output")
+        console.print("[bold red]error:[/] interrupted (Ctrl-C) before any output was written")
         raise typer.Exit(130) from None
 
 
