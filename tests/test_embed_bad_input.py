@@ -30,6 +30,14 @@ N_CELLS = 40
 PYTHON_WORDING = re.compile(r"\b(layer|gene_key|empty|device|allow_non_integer)=")
 
 
+@pytest.fixture(autouse=True)
+def keep_torch_threads():
+    """--threads sets torch's process-wide thread count: give the other tests theirs back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
@@ -206,7 +214,7 @@ def test_bad_input_matrix(case, cells, model_dir, tmp_path, monkeypatch, request
     before, out_before = sha(source), sha(out)
 
     result = runner.invoke(app, ["embed", str(source), "-o", str(out), "--model", model, "--device",
-                                 "cpu", "--batch-size", "16", *extra])
+                                 "cpu", "--batch-size", "16", "--threads", "1", *extra])
 
     text = result.output
     assert result.exit_code == code, text

@@ -117,7 +117,8 @@ def test_cli_reads_10x_and_loom(model_dir, cells, tmp_path, fmt):
 
 
 @pytest.mark.parametrize("suffix", [".h5ad", ".parquet"])
-def test_obsm_only_writes_names_and_embedding(model_dir, cells, tmp_path, suffix):
+def test_obsm_only_writes_names_and_embedding(model_dir, cells, tmp_path, suffix, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep --threads 1 out of other tests
     out = tmp_path / f"emb{suffix}"
     base = [str(cells), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "--threads", "1"]
     r = runner.invoke(app, [*base, "--obsm-only"])
