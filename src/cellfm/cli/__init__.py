@@ -112,5 +112,9 @@ def _register() -> None:
 
 
 def main() -> None:
+    """Entry point: every command prints Python warnings as one `warning: ...` line."""
+    from cellfm.cli.console import make_console, one_line_warnings
+
     _register()
-    app()
+    with one_line_warnings(make_console()):
+        app()
