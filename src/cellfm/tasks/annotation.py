@@ -94,7 +94,7 @@ class CellTypeAnnotator:
         Classes with fewer than `min_cells_per_class` cells are dropped with a warning; cells
         labelled "?", "unknown" or empty are ignored. `max_epochs` defaults to 100 (frozen) or 10.
         """
-        from cellfm.embed import resolve_device, resolve_model
+        from cellfm.embedding import resolve_device, resolve_model
 
         if mode not in ("frozen", "lora", "full"):
             raise ValueError(f"mode must be 'frozen', 'lora' or 'full', not {mode!r}")
@@ -328,7 +328,7 @@ class CellTypeAnnotator:
         "unknown") and `obs["cellfm_centroid_distance"]` (distance to the nearest type centroid
         divided by the reference's 99th percentile; > 1 means unlike the reference).
         """
-        from cellfm.embed import resolve_device
+        from cellfm.embedding import resolve_device
 
         if self.head is None or self.encoder is None:
             raise RuntimeError("this CellTypeAnnotator is not fitted: call fit() or CellTypeAnnotator.load()")
@@ -366,7 +366,7 @@ class CellTypeAnnotator:
 
     def predict_proba(self, adata: ad.AnnData, device: str | torch.device | None = "cpu") -> pd.DataFrame:
         """Calibrated class probabilities (n_cells, n_classes) as a DataFrame."""
-        from cellfm.embed import resolve_device
+        from cellfm.embedding import resolve_device
 
         emb = _embed(adata, self.encoder, resolve_device(device), False)
         with torch.no_grad():
@@ -489,7 +489,7 @@ def _matched_genes(adata: ad.AnnData, model: CellFM) -> list[str]:
 
 
 def _embed(adata: ad.AnnData, model: CellFM, device: torch.device, progress: bool) -> np.ndarray:
-    from cellfm.embed import embed
+    from cellfm.embedding import embed
 
     out = embed(adata, model, device=device, copy=True, progress=progress, empty="zero")
     return np.asarray(out.obsm["X_cellfm"], dtype=np.float32)  # (N, D)

@@ -109,7 +109,7 @@ def fine_tune_for_integration(
     from tqdm.auto import tqdm
 
     from cellfm.cellfm import CellFM
-    from cellfm.embed import resolve_device
+    from cellfm.embedding import resolve_device
     from cellfm.model.st_tokens import st_features
     from cellfm.tokenizer import iter_token_batches, mask_values
     from cellfm.vocab import map_genes
