@@ -27,6 +27,7 @@ class ProbeSet:
     batches: list[CellBatch]  # cell_index = row in `labels`
     labels: np.ndarray  # (n_cells,) int class codes
     classes: list[str]
+    rows: np.ndarray  # (n_cells,) row of each probe cell in the file, for baselines on the same cells
 
 
 def load_probe_set(path: str | Path, label_key: str, vocabulary: str, *, max_cells: int = 2000,
@@ -70,7 +71,7 @@ def load_probe_set(path: str | Path, label_key: str, vocabulary: str, *, max_cel
     codes = np.searchsorted(classes, labels)
     if not present.all():  # cells with no matched gene: drop them from the labels, keep indices aligned
         codes = np.where(present, codes, -1)
-    return ProbeSet(path.stem, batches, codes, classes)
+    return ProbeSet(path.stem, batches, codes, classes, rows)
 
 
 @torch.no_grad()
