@@ -39,6 +39,10 @@ def hvg_pca(path: Path, rows: np.ndarray, n_pcs: int = 50) -> np.ndarray:
     return adata.obsm["X_pca"].astype(np.float32)
 
 
+def _met(ok: bool) -> str:
+    return "met" if ok else "missed"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="cellfm-mini")
@@ -86,10 +90,10 @@ def main() -> None:
             continue
         knn, lin = scores[name, "CellFM CLS"]
         pca, rnd = scores[name, "PCA of HVG log counts"][0], scores[name, "random init CLS"][0]
-        line = (f"  {name}: kNN {knn:.3f} vs PCA-0.05 {pca - 0.05:.3f} ({'met' if knn >= pca - 0.05 else 'missed'}),"
-                f" vs random+0.20 {rnd + 0.20:.3f} ({'met' if knn >= rnd + 0.20 else 'missed'})")
+        line = (f"  {name}: kNN {knn:.3f} vs PCA-0.05 {pca - 0.05:.3f} ({_met(knn >= pca - 0.05)}), "
+                f"vs random+0.20 {rnd + 0.20:.3f} ({_met(knn >= rnd + 0.20)})")
         if name == "pbmc3k":
-            line += f"; linear {lin:.3f} vs 0.90 ({'met' if lin >= 0.90 else 'missed'})"
+            line += f"; linear {lin:.3f} vs 0.90 ({_met(lin >= 0.90)})"
         print(line)
 
 
