@@ -49,6 +49,8 @@ def _register() -> None:
         app.command("embed")(m.embed)
     if (m := module("convert")) is not None:
         app.command("convert")(m.convert)
+    if (m := module("download")) is not None:
+        app.command("download")(m.download)
     if (m := module("corpus")) is not None:
         app.add_typer(m.app, name="corpus", help="Build and inspect pretraining corpora.")
     if (m := module("pretrain")) is not None:
