@@ -278,3 +278,18 @@ def test_unknown_name_lists_the_releases():
     with pytest.raises(ValueError, match="choose one of 80m, 800m"):
         hub.official_weights("8m")
     assert isinstance(hub.default_cache_dir(), Path)
+
+
+def test_disk_filling_up_midway_keeps_the_part(fake_hub, monkeypatch, tmp_path):
+    import errno
+
+    from huggingface_hub import file_download
+
+    def full_disk(url, f, **kwargs):
+        f.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_download, "http_get", full_disk)
+    with pytest.raises(hub.DownloadError, match="filled up while downloading .* resumes on the next run"):
+        hub.download_official("80m")
+    assert (tmp_path / "cache" / "downloads" / "CellFM_80M_weight.ckpt.part").stat().st_size == 1000
