@@ -21,7 +21,12 @@ from cellfm.model.cross_retention import CrossRetentionLayer
 
 class CellTypeHead(nn.Module):
     def __init__(
-        self, d_model: int, n_heads: int, n_classes: int, dropout: float = 0.1, eps: float = 1e-7,
+        self,
+        d_model: int,
+        n_heads: int,
+        n_classes: int,
+        dropout: float = 0.1,
+        eps: float = 1e-7,
         n_layers: int = 2,
     ) -> None:
         super().__init__()
@@ -53,7 +58,9 @@ class CellTypeHead(nn.Module):
 
 
 def annotation_loss(
-    token_logits: torch.Tensor, cls_logits: torch.Tensor, labels: torch.Tensor,
+    token_logits: torch.Tensor,
+    cls_logits: torch.Tensor,
+    labels: torch.Tensor,
     weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sum of the two class-weighted cross-entropies (weighted means), in float32 (official)."""
