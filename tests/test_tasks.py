@@ -107,6 +107,29 @@ def test_open_set_calibrated_on_held_out_reference_cells(fitted, pbmc3k):
     assert info["n_rejected"] == n_either
 
 
+def test_token_state_cache_on_disk_equals_encoder(pbmc3k, tiny):
+    from cellfm.tasks.annotation_cache import TokenStates
+
+    cells = _slice(pbmc3k, "classified", 40)
+    mem = TokenStates.compute(cells, tiny, torch.device("cpu"), progress=False)
+    disk = TokenStates.compute(cells, tiny, torch.device("cpu"), progress=False, memory_limit=0)
+    assert disk.on_disk and not mem.on_disk
+    rows = np.array([5, 0, 17])
+    (s_mem, m_mem), (s_disk, m_disk) = mem.batch(rows, "cpu"), disk.batch(rows, "cpu")
+    assert torch.equal(s_mem, s_disk) and torch.equal(m_mem, m_disk)
+    # the cached states are the encoder's own outputs (fp16 tokens), cell by cell, in adata order
+    from cellfm.embed import match_genes
+    from cellfm.tokenizer import iter_token_batches
+
+    batch = next(iter(iter_token_batches(cells[rows], match_genes(cells.var_names, tiny), batch_size=3,
+                                         sort_by_length=False)))
+    with torch.no_grad():
+        states, _ = tiny.module.encode(batch.gene_ids, batch.values, batch.token_mask)
+    assert torch.equal(m_mem, batch.token_mask)
+    torch.testing.assert_close(s_mem[:, 0], states[:, 0])
+    torch.testing.assert_close(s_mem[:, 1:][m_mem], states[:, 1:][m_mem], atol=2e-3, rtol=1e-3)
+
+
 def test_fit_logs_each_epoch_and_says_why_it_stopped(pbmc3k, tiny, caplog):
     ref = _slice(pbmc3k, "classified", 300)
     with caplog.at_level("INFO", logger="cellfm.tasks.annotation_training"):

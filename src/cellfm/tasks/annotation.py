@@ -4,7 +4,7 @@
 `obs["cellfm_confidence"]`, and the rejected share in `uns["cellfm_annotation"]`), `save`/`load`.
 
 Heads (`head=`):
-- "official" (default): the authors' annotation network (`cellfm.model.CellTypeHead`): learned
+- "official" (default): the authors' annotation network (`cellfm.model.cell_type_head.CellTypeHead`): learned
   type embeddings cross-attend over the encoder's gene tokens; both losses summed.
 - "cls_mlp": a residual MLP on the CLS vector against learned type embeddings (cheaper).
 Modes, as in the official CellAnnotation tutorial:
