@@ -281,7 +281,7 @@ def run_embed(data: str, n_cells: int, batch_size: int, threads: int) -> dict | 
         import anndata as ad
 
         import cellfm
-        from cellfm.embed import embed
+        from cellfm.embedding import embed
     except ImportError as err:
         return {"error": str(err)}
     adata = ad.read_h5ad(data)[:n_cells].copy()

@@ -28,6 +28,8 @@ def official_names(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         k = re.sub(r"^value_enc\.(w1|w3|table|a)\b", r"value_enc.value_enc.\1", k)
         k = re.sub(r"(post_norm\d)\.weight$", r"\1.gamma", k)
         k = re.sub(r"(post_norm\d)\.bias$", r"\1.beta", k)
+        k = re.sub(r"^st\.emb$", "ST_emb", k)
+        k = re.sub(r"^st\.enc\.", "ST_enc.", k)
         m = re.match(r"(encoder\.\d+\.(?:attn|ffn))\.([qkvuo])_proj\.lora_([ab])$", k)
         if m:
             k = f"{m.group(1)}.lora_{m.group(2)}.{m.group(3).upper()}.weight"
@@ -93,6 +95,32 @@ def test_cellfm_torch_layout(tiny, tmp_path):
         model = load_official_checkpoint(tmp_path / "cellfm_torch.pt", n_heads=4)
     for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_st_tokens_load_and_every_dropped_tensor_is_named(tmp_path):
+    torch.manual_seed(3)
+    module = CellFMModule(get_preset("tiny").replace(st_tokens=True)).eval()
+    with torch.no_grad():
+        module.st.enc.a.fill_(0.3)
+    tensors = official_names(module.state_dict())
+    assert {"ST_emb", "ST_enc.w3.weight", "ST_enc.a"} <= set(tensors)
+    heads = ["cluster_emb", "query.attn1.q_proj.weight", "classifier.weight", "proj.0.bias"]
+    tensors.update({k: np.ones((2, 2), np.float32) for k in heads})  # official label=True heads
+    tensors["moment1.gene_emb"] = np.zeros((2, 2), np.float32)  # optimizer state: not a model tensor
+    path = tmp_path / "finetuned.ckpt"
+    write_mindspore_checkpoint(tensors, path)
+    with pytest.warns(UserWarning) as record:
+        model = load_official_checkpoint(path, n_heads=4)
+    message = " ".join(str(w.message) for w in record)
+    assert all(k in message for k in heads) and "ST_" not in message and "moment1" not in message
+    assert model.config.st_tokens
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 27855, (2, 30), generator=g)
+    vals, tok = torch.rand(2, 30, generator=g) * 3, torch.ones(2, 30, dtype=torch.bool)
+    feat = torch.log1p(torch.tensor([[2.0, 3.0], [5.0, 5.0]]))
+    with torch.no_grad():
+        ours, theirs = module(ids, vals, tok, st_feat=feat), model.module(ids, vals, tok, st_feat=feat)
+    torch.testing.assert_close(ours.cell_emb, theirs.cell_emb, rtol=0, atol=0)
 
 
 def test_truncated_and_wrong_files(tiny, tmp_path):

@@ -13,7 +13,7 @@ if not (hasattr(pytest.importorskip("cellfm.vocab"), "map_genes")
     pytest.skip("cellfm.vocab / cellfm.tokenizer are not complete", allow_module_level=True)
 
 import cellfm  # noqa: E402
-from cellfm.embed import embed, get_gene_embeddings  # noqa: E402
+from cellfm.embedding import embed, get_gene_embeddings  # noqa: E402
 
 # (file, var column with symbols or None) — every real .h5ad in shared/data
 DATASETS = {
@@ -184,3 +184,61 @@ def test_gene_embeddings_table_and_varm(shared_data, model):
     hes4 = list(adata.var_names).index("HES4")
     np.testing.assert_array_equal(varm[hes4], table.loc["HES4"].to_numpy())
     assert np.isfinite(varm[:-1]).sum() > 0.5 * varm[:-1].size
+
+
+# ---- the Python API speaks Python; non-integer counts; .raw ------------------------------------------
+def _lognorm(X) -> sp.csr_matrix:
+    X = sp.csr_matrix(X, dtype=np.float32)
+    return (sp.diags(1e4 / np.asarray(X.sum(1)).ravel()) @ X).log1p().tocsr()
+
+
+def test_api_errors_name_python_arguments(shared_data, model):
+    adata = nonempty(read_cells(shared_data, "pbmc68k_reduced", 30))
+    logged = adata.copy()
+    logged.layers["counts"] = logged.X.copy()
+    logged.X = _lognorm(logged.X)
+    with pytest.raises(ValueError, match=r"log-transformed.*pass layer='counts' \(raw counts found in "
+                                         r"layers\['counts'\]\)"):
+        embed(logged, model, progress=False)
+    embed(logged, model, layer="counts", progress=False)  # the advice works
+    dup = adata.copy()
+    dup.var_names = [adata.var_names[0], *adata.var_names[:-1]]
+    with pytest.raises(ValueError, match=r"more than once.*gene_key=<column>"):
+        embed(dup, model, progress=False)
+    assert "X_cellfm" not in dup.obsm
+    with pytest.raises(ValueError, match=r"device='gpu' is not a device.*device='cpu'"):
+        embed(adata, model, device="gpu", progress=False)
+    with pytest.raises(KeyError, match=r"layer='nope' is not a layer"):
+        embed(adata, model, layer="nope", progress=False)
+
+
+def test_allow_non_integer_admits_ambient_corrected_counts_only(shared_data, model):
+    adata = nonempty(read_cells(shared_data, "pbmc4k_soupx", 60))
+    ambient = adata.copy()
+    X = sp.csr_matrix(ambient.X, dtype=np.float32, copy=True)
+    X.data *= np.random.default_rng(0).uniform(0.55, 0.95, X.nnz).astype(np.float32)  # counts minus soup
+    ambient.X = X
+    with pytest.raises(ValueError, match=r"allow_non_integer=True"):
+        embed(ambient, model, progress=False)
+    embed(ambient, model, progress=False, allow_non_integer=True)
+    assert np.isfinite(ambient.obsm["X_cellfm"]).all()
+    cpm = adata.copy()
+    cpm.X = sp.diags(1e6 / np.asarray(adata.X.sum(1)).ravel()) @ sp.csr_matrix(adata.X, dtype=np.float64)
+    logged = adata.copy()
+    logged.X = _lognorm(adata.X)
+    for bad, why in ((cpm, "fixed total"), (logged, "log-transformed")):
+        with pytest.raises(ValueError, match=why):
+            embed(bad, model, progress=False, allow_non_integer=True)
+
+
+def test_layer_raw_uses_the_raw_genes(shared_data, model):
+    adata = nonempty(read_cells(shared_data, "pbmc4k_soupx", 40))
+    full = embed(adata, model, copy=True, progress=False).obsm["X_cellfm"]
+    hvg = adata[:, : adata.n_vars // 3].copy()
+    hvg.raw = adata
+    hvg.X = _lognorm(hvg.X)
+    with pytest.raises(ValueError, match=r"pass layer='raw' \(raw counts found in adata.raw\)"):
+        embed(hvg, model, progress=False)
+    embed(hvg, model, layer="raw", progress=False)
+    np.testing.assert_allclose(hvg.obsm["X_cellfm"], full, atol=1e-6)
+    assert hvg.uns["cellfm"]["layer"] == "raw" and hvg.uns["cellfm"]["n_input"] == adata.n_vars

@@ -1,10 +1,16 @@
-"""`cellfm embed` command: round trip on real cells, backed mode, clear errors without tracebacks."""
+"""`cellfm embed` command: round trip on real cells, backed mode, every input format, --obsm-only,
+--overwrite, --version and help text. Bad input: test_embed_bad_input.py."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import anndata as ad
+import h5py
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 import typer
 from typer.testing import CliRunner
@@ -15,7 +21,7 @@ if not (hasattr(pytest.importorskip("cellfm.vocab"), "map_genes")
 
 import cellfm  # noqa: E402
 from cellfm.cli.embed import embed as embed_command  # noqa: E402
-from cellfm.embed import embed  # noqa: E402
+from cellfm.embedding import embed  # noqa: E402
 
 app = typer.Typer()
 app.command()(embed_command)
@@ -55,23 +61,103 @@ def test_cli_round_trip(model_dir, cells, tmp_path, backed):
     assert 0 < written.uns["cellfm"]["n_matched"] <= original.n_vars
 
 
-def test_cli_errors_are_one_line(model_dir, cells, tmp_path, shared_data):
-    out = str(tmp_path / "out.h5ad")
-    r = runner.invoke(app, [str(tmp_path / "missing.h5ad"), "-o", out, "--model", str(model_dir)])
-    assert r.exit_code == 2 and "does not exist" in r.output and "Traceback" not in r.output
+def write_10x_mtx(adata: ad.AnnData, folder: Path) -> Path:
+    import gzip
 
-    r = runner.invoke(app, [str(cells), "-o", out, "--model", str(tmp_path / "no_model")])
-    assert r.exit_code == 1 and "could not load model" in r.output and isinstance(r.exception, SystemExit)
+    from scipy.io import mmwrite
 
-    lognorm = shared_data / "pbmc3k_clustifyr/pbmc3k_clustifyr_2000hvg.h5ad"
-    r = runner.invoke(app, [str(lognorm), "-o", out, "--model", str(model_dir), "--layer", "lognorm"])
-    assert r.exit_code == 1 and "error" in r.output and "Traceback" not in r.output
-    assert isinstance(r.exception, SystemExit)
+    folder.mkdir()
+    mmwrite(folder / "matrix.mtx", sp.csr_matrix(adata.X).T.tocoo().astype(np.int64))
+    with gzip.open(folder / "features.tsv.gz", "wt") as f:
+        f.writelines(f"ID{i}\t{g}\tGene Expression\n" for i, g in enumerate(adata.var_names))
+    (folder / "barcodes.tsv").write_text("".join(f"{c}\n" for c in adata.obs_names))
+    return folder
 
-    r = runner.invoke(app, [str(cells), "-o", out, "--model", str(model_dir), "--layer", "nope"])
-    assert r.exit_code == 1 and "nope" in r.output and isinstance(r.exception, SystemExit)
 
-    not_h5ad = tmp_path / "x.csv"
-    not_h5ad.write_text("a,b\n")
-    r = runner.invoke(app, [str(not_h5ad), "-o", out, "--model", str(model_dir)])
-    assert r.exit_code == 2 and ".h5ad" in r.output
+def write_10x_h5(adata: ad.AnnData, path: Path) -> Path:
+    X = sp.csc_matrix(sp.csr_matrix(adata.X).T)  # genes x cells, stored as 10x does
+    with h5py.File(path, "w") as f:
+        g = f.create_group("matrix")
+        for k, v in (("data", X.data), ("indices", X.indices), ("indptr", X.indptr), ("shape", X.shape)):
+            g[k] = v
+        g["barcodes"] = np.asarray(adata.obs_names, dtype="S")
+        feats = g.create_group("features")
+        names = np.asarray(adata.var_names, dtype="S")
+        feats["name"], feats["id"] = names, np.asarray([f"ID{i}".encode() for i in range(len(names))])
+        feats["feature_type"] = np.full(len(names), b"Gene Expression")
+    return path
+
+
+def write_loom(adata: ad.AnnData, path: Path) -> Path:
+    with h5py.File(path, "w") as f:
+        f["matrix"] = sp.csr_matrix(adata.X).T.toarray().astype(np.float32)
+        f["row_attrs/Gene"] = np.asarray(adata.var_names, dtype="S")
+        f["col_attrs/CellID"] = np.asarray(adata.obs_names, dtype="S")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["10x_mtx", "10x_h5", "loom"])
+def test_cli_reads_10x_and_loom(model_dir, cells, tmp_path, fmt):
+    """The same cells as .h5ad, 10x folder, 10x .h5 and .loom give the same embeddings."""
+    original = ad.read_h5ad(cells)
+    source = {"10x_mtx": lambda: write_10x_mtx(original, tmp_path / "filtered_feature_bc_matrix"),
+              "10x_h5": lambda: write_10x_h5(original, tmp_path / "cells.h5"),
+              "loom": lambda: write_loom(original, tmp_path / "cells.loom")}[fmt]()
+    out = tmp_path / "out.h5ad"
+    r = runner.invoke(app, [str(source), "-o", str(out), "--model", str(model_dir), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    written = ad.read_h5ad(out)
+    assert list(written.obs_names) == list(original.obs_names)
+    assert list(written.var["gene_symbols"]) == list(original.var_names)
+    expected = embed(original, cellfm.load(model_dir), copy=True, progress=False).obsm["X_cellfm"]
+    np.testing.assert_allclose(written.obsm["X_cellfm"], expected, atol=1e-5)
+    # the Python API reads the same paths
+    api = cellfm.embed(source, cellfm.load(model_dir), progress=False)
+    np.testing.assert_allclose(api.obsm["X_cellfm"], expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("suffix", [".h5ad", ".parquet"])
+def test_obsm_only_writes_names_and_embedding(model_dir, cells, tmp_path, suffix, monkeypatch):
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep --threads 1 out of other tests
+    out = tmp_path / f"emb{suffix}"
+    base = [str(cells), "-o", str(out), "--model", str(model_dir), "--device", "cpu", "--threads", "1"]
+    r = runner.invoke(app, [*base, "--obsm-only"])
+    assert r.exit_code == 0, r.output
+    full = tmp_path / "full.h5ad"
+    assert runner.invoke(app, [str(cells), "-o", str(full), "--model", str(model_dir)]).exit_code == 0
+    reference = ad.read_h5ad(full)
+    if suffix == ".parquet":
+        import pandas as pd
+
+        table = pd.read_parquet(out)
+        assert list(table.index) == list(reference.obs_names) and table.shape == (80, 32)
+        np.testing.assert_allclose(table.to_numpy(), reference.obsm["X_cellfm"], atol=1e-6)
+    else:
+        small = ad.read_h5ad(out)
+        assert small.n_vars == 0 and list(small.obs_names) == list(reference.obs_names)
+        np.testing.assert_allclose(small.obsm["X_cellfm"], reference.obsm["X_cellfm"], atol=1e-6)
+        assert small.uns["cellfm"]["n_matched"] == reference.uns["cellfm"]["n_matched"]
+    assert out.stat().st_size < full.stat().st_size / 5
+    # an existing output is kept unless --overwrite
+    before = out.read_bytes()
+    r = runner.invoke(app, [*base, "--obsm-only"])
+    assert r.exit_code == 2 and "--overwrite" in r.output and out.read_bytes() == before
+    r = runner.invoke(app, [*base, "--obsm-only", "--overwrite"])
+    assert r.exit_code == 0, r.output
+
+
+def test_version_and_help_have_no_placeholders():
+    from cellfm import __version__
+    from cellfm.cli import _register
+    from cellfm.cli import app as main_app
+
+    _register()
+    r = runner.invoke(main_app, ["--version"])
+    assert r.exit_code == 0 and r.output.strip() == f"cellfm {__version__}"
+    for command in (["embed"], ["demo"], ["annotate", "fit"], ["corpus", "build"], []):
+        text = runner.invoke(main_app, [*command, "--help"]).output
+        assert "Usage:" in text
+        assert not re.search(r"<\w+>|\{\w+\}", text), text
+    text = runner.invoke(main_app, ["embed", "--help"]).output
+    for flag in ("--threads", "--overwrite", "--empty", "--allow-non-integer", "--obsm-only"):
+        assert flag in text

@@ -167,3 +167,25 @@ def test_dataset_pickles_after_use(corpus):
     first = next(iter(ds))  # opens memory maps
     again = next(iter(pickle.loads(pickle.dumps(ds))))
     assert torch.equal(first.values, again.values)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_batches_mix_shards(corpus, world_size):
+    """Shards are shuffled together (mix_shards): batches hold cells of several source files, with
+    each shard's share of a batch close to its share of the corpus; mix_shards=1 keeps one shard
+    per batch. Coverage stays exact either way."""
+    shard_of = np.repeat([0, 1, 2], [200, 123, 200])  # global cell index -> shard (fixture sizes)
+    for mix, many in [(16, True), (2, True), (1, False)]:
+        per_rank = [_stream(corpus, rank=r, world_size=world_size, mix_shards=mix) for r in range(world_size)]
+        cells = sorted(i for batches in per_rank for i in _index(batches))
+        assert cells == list(range(N_CELLS)), f"mix_shards={mix}: every cell once"
+        n_sources = [len(set(shard_of[b.cell_index.numpy()])) for bs in per_rank for b in bs]
+        if many:
+            assert np.mean(n_sources) > 1.5, f"mix_shards={mix}: batches should mix shards"
+        else:
+            assert np.mean(n_sources) < 1.2  # only batches at a shard boundary hold two
+    full = _index(_stream(corpus, mix_shards=16))
+    first = shard_of[full[: N_CELLS // 2]]
+    assert abs((first == 1).mean() - 123 / N_CELLS) < 0.08  # uniform shuffle: no shard goes first
+    with pytest.raises(ValueError, match="mix_shards"):
+        _ds(corpus, mix_shards=0)

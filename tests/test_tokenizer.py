@@ -129,5 +129,5 @@ def test_check_counts_errors(shared_data):
         check_counts(empty, allow_empty=False)
     dup = a[:, :10].copy()
     dup.var_names = ["G"] * 10
-    with pytest.raises(ValueError, match="var_names_make_unique"):
+    with pytest.raises(ValueError, match="occur more than once.*gene_key=<column>"):
         check_counts(dup)

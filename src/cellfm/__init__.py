@@ -12,8 +12,8 @@ _LAZY = {
     "CellBatch": "cellfm.batch",
     "CellFM": "cellfm.cellfm",
     "load": "cellfm.cellfm",
-    "embed": "cellfm.embed",
-    "get_gene_embeddings": "cellfm.embed",
+    "embed": "cellfm.embedding",
+    "get_gene_embeddings": "cellfm.embedding",
 }
 
 

@@ -18,6 +18,7 @@ class CellBatch:
     hidden_mask: torch.Tensor | None = None  # (B, L) bool, value hidden from the encoder
     loss_mask: torch.Tensor | None = None  # (B, L) bool, positions in the reconstruction loss
     cell_index: torch.Tensor | None = None  # (B,) int64 row of each cell in its source
+    totals: torch.Tensor | None = None  # (B,) float32 counts the values were normalised by (ST tokens)
 
     def __len__(self) -> int:
         return self.gene_ids.shape[0]

@@ -129,13 +129,13 @@ class CellFM:
     def get_gene_embeddings(self, genes: list[str] | None = None) -> pd.DataFrame:
         """Gene-table embeddings as a DataFrame indexed by gene symbol (all vocabulary genes
         unless `genes` is given)."""
-        from cellfm.embed import get_gene_embeddings
+        from cellfm.embedding import get_gene_embeddings
 
         return get_gene_embeddings(self, genes)
 
     def get_cell_embeddings(self, adata: ad.AnnData, **kwargs):
         """Cell embeddings (n_cells, d_model) as a numpy array, in adata's row order."""
-        from cellfm.embed import embed
+        from cellfm.embedding import embed
 
         return embed(adata, self, copy=True, **kwargs).obsm["X_cellfm"]
 

@@ -33,9 +33,13 @@ class ModelConfig:
     pad_zero: bool = True  # official `pad_zero`: padding is zeroed and removed from the keys
     add_zero: bool = False  # official `add_zero`: zero-probability heads (only without pad_zero)
     lora_rank: int = 0  # rank of LoRA adapters; 0 = none
+    st_tokens: bool = False  # the authors' FinetuneModel ST tokens (library size); used when given
     layer_norm_eps: float = 1e-7  # MindSpore's LayerNorm default, not PyTorch's 1e-5
     mask_ratio: float = 0.2  # fraction of expressed genes in the pretraining loss
     hide_fraction: float = 0.8  # of those, fraction whose value is hidden from the encoder
+    # not in the official model: the cell-wise decoder adds the cell's mean visible value to its
+    # prediction, so the CLS need not spend itself on the library-size level (see docs/cell-identity.md)
+    cellwise_offset: bool = False
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:

@@ -1,12 +1,15 @@
 """Official CellFM checkpoints (MindSpore `.ckpt`, CellFM-torch `.pt`) -> our `CellFM`.
 
-Official names differ from ours in three places: the value encoder's inner `value_enc.` level,
-MindSpore's LayerNorm `gamma`/`beta`, and LoRA blocks `lora_q.A/B` beside the projection. The
-config is read off the shapes; only the number of heads is not in them (48 in both releases).
+Official names differ from ours in four places: the value encoder's inner `value_enc.` level,
+MindSpore's LayerNorm `gamma`/`beta`, LoRA blocks `lora_q.A/B` beside the projection, and the ST
+tokens of the authors' FinetuneModel (`ST_emb`, `ST_enc.*` -> `st.emb`, `st.enc.*`). The config
+is read off the shapes; only the number of heads is not in them (48 in both releases). Every
+model tensor that has no place in our model is named in a warning, never dropped silently.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 import zipfile
@@ -21,14 +24,21 @@ from cellfm.config import ModelConfig
 OPTIMIZER_PREFIXES = ("moment1.", "moment2.", "adam_m.", "adam_v.", "accum.", "momentum.")
 OPTIMIZER_KEYS = {"global_step", "learning_rate", "beta1_power", "beta2_power", "scale_sense",
                   "current_iterator_step", "last_overflow_iterator_step", "epoch_num", "step_num"}
-# parts of the official model that ours leaves out: CellFM-torch's spatial tokens and the
-# optional label-classification heads of the MindSpore model (`label=True`)
-IGNORED_PREFIXES = ("ST_emb", "ST_enc.", "cluster_emb", "query.", "classifier.", "proj.")
+# parts of the official model that ours leaves out: the optional label-classification heads of
+# the MindSpore model (`label=True`)
+DROPPED_PREFIXES = ("cluster_emb", "query.", "classifier.", "proj.")
+# the ST tokens are loaded when the checkpoint carries all of them
+ST_TENSORS = ("ST_emb", "ST_enc.w1.weight", "ST_enc.w3.weight", "ST_enc.a", "ST_enc.table.weight")
+log = logging.getLogger(__name__)
 VOCAB_BY_ROWS = {24080: ("cellfm-24k", 24078), 27856: ("cellfm-27k", 27855)}
 _LORA = re.compile(r"^(encoder\.\d+\.(?:attn|ffn))\.lora_([qkvuo])\.([AB])\.weight$")
 
 
 def official_to_ours(name: str) -> str:
+    if name == "ST_emb":
+        return "st.emb"
+    if name.startswith("ST_enc."):
+        return "st.enc." + name[len("ST_enc."):]
     name = name.replace("value_enc.value_enc.", "value_enc.")
     name = re.sub(r"(post_norm\d)\.gamma$", r"\1.weight", name)
     name = re.sub(r"(post_norm\d)\.beta$", r"\1.bias", name)
@@ -39,19 +49,30 @@ def official_to_ours(name: str) -> str:
 
 
 def split_official_state(tensors: dict[str, np.ndarray]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """(our state dict, skipped names) from official names."""
-    state, skipped = {}, []
+    """(our state dict, dropped model tensors) from official names; a warning names every dropped
+    tensor (optimizer state is left out too, and only logged)."""
+    has_st = all(n in tensors for n in ST_TENSORS)
+    state, dropped, optimizer = {}, [], 0
     for name, value in tensors.items():
         if name in OPTIMIZER_KEYS or name.startswith(OPTIMIZER_PREFIXES):
+            optimizer += 1
             continue
-        if name.startswith(IGNORED_PREFIXES):
-            skipped.append(name)
+        if name.startswith(DROPPED_PREFIXES) or (name.startswith(("ST_emb", "ST_enc.")) and not has_st):
+            dropped.append(name)
             continue
         state[official_to_ours(name)] = torch.from_numpy(np.array(value, dtype=np.float32))
-    if skipped:
-        warnings.warn(f"ignored {len(skipped)} tensors that the CellFM model does not use: {skipped[:6]}",
-                      stacklevel=3)
-    return state, skipped
+    if optimizer:
+        log.info("left out %d optimizer-state tensors (moment1.*, moment2.*, step counters)", optimizer)
+    if dropped:
+        why = []
+        if any(n.startswith(DROPPED_PREFIXES) for n in dropped):
+            why.append("label-classification heads (official label=True) are not part of CellFMModule")
+        if any(n.startswith(("ST_emb", "ST_enc.")) for n in dropped):
+            missing = [n for n in ST_TENSORS if n not in tensors]
+            why.append(f"ST tokens incomplete (missing {missing})")
+        warnings.warn(f"dropped {len(dropped)} checkpoint tensors ({'; '.join(why)}): "
+                      f"{', '.join(sorted(dropped))}", stacklevel=3)
+    return state, dropped
 
 
 def infer_config(state: dict[str, torch.Tensor], n_heads: int | None = None) -> ModelConfig:
@@ -73,7 +94,7 @@ def infer_config(state: dict[str, torch.Tensor], n_heads: int | None = None) -> 
     return ModelConfig(
         n_genes=n_genes, vocabulary=vocabulary, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
         value_bins=state["value_enc.w1.weight"].shape[0], lora_rank=0 if lora is None else lora.shape[0],
-        add_zero=add_zero, pad_zero=not add_zero,
+        add_zero=add_zero, pad_zero=not add_zero, st_tokens="st.emb" in state,
     )
 
 

@@ -1,22 +1,61 @@
 """The `cellfm` command line: a thin typer layer over the Python API.
 
 Each command group lives in its own module; heavy imports (torch, anndata) happen inside the
-command functions so that `cellfm --help` starts fast.
+command functions so that `cellfm --help` starts fast. Help is plain text: option names, a
+metavar where a value is expected, no `<bool>` / `{input}` type placeholders.
 """
 
 from __future__ import annotations
 
+import re
+
 import typer
+from typer.core import TyperCommand
+
+_TYPE_WORDS = {"path": "PATH", "str": "TEXT", "int": "N", "float": "X", "bool": ""}
+
+
+class Command(TyperCommand):
+    """A typer command whose usage line reads `cellfm embed [OPTIONS] INPUT`, not `{INPUT}`."""
+
+    def get_help(self, ctx) -> str:  # "--output <path>" -> "--output PATH", "--backed <bool>" -> "--backed"
+        def word(m: re.Match) -> str:
+            inner = m[2] or m[1]
+            text = _TYPE_WORDS.get(inner.lower(), inner.upper()) + ("..." if m[2] else "")
+            return text.ljust(len(m[0]))  # same width: the help columns stay aligned
+
+        return re.sub(r"<(list\[(\w+)\]|\w+)>", word, super().get_help(ctx))
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(\w+)\}", r"\1", p) for p in super().collect_usage_pieces(ctx)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cellfm import __version__
+
+        typer.echo(f"cellfm {__version__}")
+        raise typer.Exit()
+
 
 app = typer.Typer(
     name="cellfm",
     help="CellFM single-cell foundation model: embeddings, corpus building, pretraining and tasks.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
 
 
-@app.command()
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Show the version and exit."),
+) -> None:
+    """CellFM single-cell foundation model: embeddings, corpus building, pretraining and tasks."""
+
+
+@app.command(cls=Command)
 def info() -> None:
     """Show the version, the presets and the built-in models."""
     from cellfm import __version__
@@ -32,8 +71,25 @@ def info() -> None:
         typer.echo(f"  built-in model {d.parent.name}")
 
 
+_registered = False
+
+
+def _plain(sub: typer.Typer) -> typer.Typer:
+    """Sub-apps get the same plain help and usage line as the top level."""
+    sub.rich_markup_mode = None
+    for info in sub.registered_commands:
+        info.cls = Command
+    return sub
+
+
 def _register() -> None:
+    """Mount the command groups present in this build (idempotent)."""
     import importlib
+
+    global _registered
+    if _registered:
+        return
+    _registered = True
 
     def module(name: str):
         try:
@@ -43,23 +99,22 @@ def _register() -> None:
                 raise
             return None
 
-    if (m := module("demo")) is not None:
-        app.command("demo")(m.demo)
-    if (m := module("embed")) is not None:
-        app.command("embed")(m.embed)
-    if (m := module("convert")) is not None:
-        app.command("convert")(m.convert)
+    for name in ("demo", "embed", "convert", "pretrain"):
+        if (m := module(name)) is not None:
+            app.command(name, cls=Command)(getattr(m, name))
     if (m := module("corpus")) is not None:
-        app.add_typer(m.app, name="corpus", help="Build and inspect pretraining corpora.")
-    if (m := module("pretrain")) is not None:
-        app.command("pretrain")(m.pretrain)
+        app.add_typer(_plain(m.app), name="corpus", help="Build and inspect pretraining corpora.")
     if (m := module("tasks")) is not None:
-        app.add_typer(m.annotate_app, name="annotate", help="Cell type annotation.")
+        app.add_typer(_plain(m.annotate_app), name="annotate", help="Cell type annotation.")
         for name in ("integrate", "perturb", "gene_function", "gene_network", "evaluate"):
             if hasattr(m, name):
-                app.command(name.replace("_", "-"))(getattr(m, name))
+                app.command(name.replace("_", "-"), cls=Command)(getattr(m, name))
 
 
 def main() -> None:
+    """Entry point: every command prints Python warnings as one `warning: ...` line."""
+    from cellfm.cli.console import make_console, one_line_warnings
+
     _register()
-    app()
+    with one_line_warnings(make_console()):
+        app()

@@ -23,7 +23,8 @@ def build(
     min_genes: Annotated[int, typer.Option(
         "--min-genes", help="Drop cells with fewer expressed matched genes.")] = 200,
     max_genes: Annotated[int, typer.Option(
-        "--max-genes", help="Drop cells with more expressed matched genes (0: no limit).")] = 2048,
+        "--max-genes", help="Drop cells with more expressed matched genes (official 2048); 0 keeps them "
+        "and training samples the model's max_genes of their genes (log1p-weighted, as official).")] = 2048,
     workers: Annotated[int, typer.Option("--workers", "-j", help="Input files processed in parallel.")] = 2,
     shard_cells: Annotated[int, typer.Option("--shard-cells", help="Cells per shard file.")] = 100_000,
     batch_key: Annotated[str | None, typer.Option(

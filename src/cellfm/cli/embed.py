@@ -1,8 +1,9 @@
-"""`cellfm embed IN.h5ad -o OUT.h5ad`: cell embeddings into obsm["X_cellfm"].
+"""`cellfm embed INPUT -o OUT.h5ad`: cell embeddings into obsm["X_cellfm"].
 
-A thin layer over `cellfm.embed.embed`: read, embed, print the gene-matching report, write.
-Errors about the input (missing file, bad counts, no matching genes) end the command with a
-one-line message and exit code 1 or 2, not a traceback.
+A thin layer over `cellfm.embed`: read (h5ad, 10x folder / .h5, loom), embed, print the
+gene-matching report, write atomically. Bad input ends the command with one line naming the
+problem and the flag that fixes it (exit 2 for bad arguments, 1 for bad data or models, 130 on
+Ctrl-C), never a traceback; the input file is only read.
 """
 
 from __future__ import annotations
@@ -12,63 +13,119 @@ from typing import Annotated
 
 import typer
 
+from cellfm.cli.console import Failure, fail, one_line_warnings, run_cli
+
 
 def embed(
-    input: Annotated[Path, typer.Argument(help="Input .h5ad with raw counts (cells x genes).")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="Output .h5ad (input + obsm['X_cellfm']).")],
-    model: Annotated[str, typer.Option("--model", help="Built-in model name, model folder or checkpoint.")]
-    = "cellfm-mini",
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Cells per forward pass.")] = 64,
-    layer: Annotated[str | None, typer.Option(help="Take counts from adata.layers[LAYER], not X.")] = None,
-    gene_key: Annotated[str | None, typer.Option(help="adata.var column with gene symbols / Ensembl ids.")]
-    = None,
-    backed: Annotated[bool, typer.Option(help="Read the input backed, in row chunks (large files).")] = False,
+    input: Annotated[Path, typer.Argument(
+        metavar="INPUT", show_default=False,
+        help="Raw counts, cells x genes: .h5ad, 10x matrix folder, 10x .h5 or .loom.")],
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", metavar="OUT", show_default=False,
+        help="Output .h5ad (the input + obsm['X_cellfm']); with --obsm-only .h5ad or .parquet.")],
+    model: Annotated[str, typer.Option(
+        "--model", metavar="NAME|PATH", help="Built-in model name, model folder or checkpoint.",
+    )] = "cellfm-mini",
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or auto.")] = "auto",
+    batch_size: Annotated[int, typer.Option(metavar="N", help="Cells per forward pass.")] = 64,
+    layer: Annotated[str | None, typer.Option(
+        metavar="LAYER", show_default=False,
+        help="Take counts from this layer of the input (or 'raw' for .raw), not X.")] = None,
+    gene_key: Annotated[str | None, typer.Option(
+        metavar="COLUMN", show_default=False,
+        help="Column of the input's var with gene symbols / Ensembl ids (default: the var names).")] = None,
+    empty: Annotated[str, typer.Option(
+        metavar="raise|zero", help="Cells expressing no matched gene: stop, or give zeros.")] = "raise",
+    allow_non_integer: Annotated[bool, typer.Option(
+        "--allow-non-integer", help="Accept ambient-corrected counts (SoupX, CellBender) that are not "
+        "whole numbers; log / CPM data are still refused.")] = False,
+    obsm_only: Annotated[bool, typer.Option(
+        "--obsm-only", help="Write only cell names + embedding (small .h5ad, or .parquet by name).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
+    threads: Annotated[int | None, typer.Option(
+        metavar="N", show_default=False, help="CPU threads for torch (default: torch's choice).")] = None,
+    backed: Annotated[bool, typer.Option("--backed", help="Read an .h5ad backed, in row chunks (large "
+                                         "files).")] = False,
 ) -> None:
-    """Embed every cell of an .h5ad file with a CellFM model."""
+    """Embed every cell of a count file with a CellFM model."""
+    with run_cli() as console, one_line_warnings(console):
+        _embed(console, input, output, model, device, batch_size, layer, gene_key, empty, allow_non_integer,
+               obsm_only, overwrite, threads, backed)
+
+
+def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int, layer: str | None,
+           gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
+           threads: int | None, backed: bool) -> None:
     import time
 
-    from rich.console import Console
+    from cellfm.io import FORMATS, check_output, input_format, write_embedding, write_h5ad
 
-    console = Console(stderr=True, soft_wrap=True)  # one-line messages, never wrapped
-
-    def fail(msg: str, code: int = 1) -> None:
-        console.print(f"[bold red]error:[/] {msg}")
-        raise typer.Exit(code)
-
-    if not input.is_file():
-        fail(f"input file {input} does not exist", 2)
-    if input.suffix != ".h5ad":
-        fail(f"{input} is not an .h5ad file (convert other formats with anndata / scanpy first)", 2)
+    if not input.exists():
+        fail(f"input {input} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom path", 2)
+    if input_format(input) is None:
+        fail(f"{input.name} is not a format cellfm embed reads ({FORMATS}); convert it to .h5ad first", 2)
     if output.resolve() == input.resolve():
-        fail("the output must be a different file than the input", 2)
-    if not output.parent.exists():
-        fail(f"output folder {output.parent} does not exist", 2)
+        fail("-o/--output must differ from the input: the input file is never changed", 2)
+    if obsm_only and output.suffix.lower() not in (".h5ad", ".parquet"):
+        fail(f"--obsm-only writes .h5ad or .parquet; {output.name} is neither", 2)
+    if not obsm_only and output.suffix.lower() != ".h5ad":
+        fail(f"-o/--output must end in .h5ad (got {output.name}); or add --obsm-only for .parquet", 2)
+    if backed and input_format(input) != "h5ad":
+        fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
+    if threads is not None and threads < 1:
+        fail(f"--threads {threads}: give at least 1", 2)
+    try:
+        check_output(output, overwrite=overwrite)
+    except FileExistsError:
+        fail(f"output {output} already exists; pass --overwrite to replace it, or choose another -o", 2)
+    except OSError as err:
+        fail(str(err), 2)
 
-    import anndata as ad
+    import torch
 
     from cellfm.cellfm import load
-    from cellfm.embed import embed as embed_adata
+    from cellfm.embedding import embed as embed_adata
+    from cellfm.embedding import resolve_device
+    from cellfm.io import read_cells
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
-        adata = ad.read_h5ad(input, backed="r" if backed else None)
-    except Exception as err:  # h5py / anndata raise many types for unreadable files
-        fail(f"could not read {input}: {err}")
+        resolve_device(device)
+    except ValueError as err:
+        fail(str(err), 2)
+    try:
+        adata = read_cells(input, backed=backed)
+    except (OSError, ValueError) as err:
+        fail(str(err))
     try:
         cfm = load(model)
-    except (FileNotFoundError, ValueError, KeyError) as err:
-        fail(f"could not load model {model!r}: {err}")
+    except Exception as err:  # noqa: BLE001 - checkpoint readers raise many types for bad files
+        fail(f"could not load --model {model}: {_first_line(err)}")
 
     start = time.perf_counter()
     try:
         # in place: a backed file is only read; obsm/uns live in memory until written to OUT
-        embed_adata(adata, cfm, batch_size=batch_size, device=device, layer=layer, gene_key=gene_key)
+        embed_adata(adata, cfm, batch_size=batch_size, device=device, layer=layer, gene_key=gene_key,
+                    empty=empty, allow_non_integer=allow_non_integer)
     except (ValueError, KeyError) as err:
-        fail(str(err).strip("'\""))
+        fail(_first_line(err))
     seconds = time.perf_counter() - start
     print_report(console, adata.uns["cellfm"], adata.n_obs, seconds, model)
-    adata.write_h5ad(output)
-    console.print(f"wrote {output}: obsm['X_cellfm'] {adata.obsm['X_cellfm'].shape}")
+    try:
+        if obsm_only:
+            write_embedding(adata, "X_cellfm", output, overwrite=overwrite)
+        else:
+            write_h5ad(adata, output, overwrite=overwrite)
+    except KeyboardInterrupt:
+        raise Failure(f"interrupted while writing: {output} was not written", 130) from None
+    what = "cell names + obsm['X_cellfm']" if obsm_only else "the input + obsm['X_cellfm']"
+    console.print(f"wrote {output}: {what} {adata.obsm['X_cellfm'].shape}")
+
+
+def _first_line(err: BaseException) -> str:
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    return str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__
 
 
 def print_report(console, info: dict, n_cells: int, seconds: float, model: str) -> None:

@@ -141,7 +141,7 @@ def annotate_predict(
     model: Annotated[Path, typer.Option("--model", help="Folder written by `cellfm annotate fit`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .h5ad with obs['cellfm_label'].")],
     threshold: Annotated[
-        float | None, typer.Option(help="Min calibrated confidence (else 'unknown').")
+        float | None, typer.Option(help="Min confidence (else 'unknown'); default: calibrated at fit.")
     ] = None,
     open_set: Annotated[bool, typer.Option(help="Label cells unlike the reference 'unknown'.")] = True,
     threads: ThreadsOpt = None,

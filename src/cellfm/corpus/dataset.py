@@ -27,14 +27,14 @@ from cellfm.batch import CellBatch
 from cellfm.corpus.epoch_plan import (
     batch_bounds,
     cell_states,
-    rows_order,
     set_pcg_state,
     shard_order,
+    window_order,
 )
 from cellfm.corpus.manifest import CorpusManifest
 from cellfm.corpus.shards import ShardReader, concat_ranges
 
-_OPEN_SHARDS = 8  # memory maps kept open per worker
+_OPEN_SHARDS = 8  # memory maps kept open per worker (or mix_shards, if more)
 
 
 class CorpusDataset(IterableDataset):
@@ -61,6 +61,9 @@ class CorpusDataset(IterableDataset):
         False: no pretraining masks (hidden_mask / loss_mask are None), e.g. for evaluation.
     tail
         ``"even"`` or ``"drop"``, see `epoch_plan`.
+    mix_shards
+        Cells of this many shards are shuffled together (see `epoch_plan`); 1 = one shard at a
+        time (each batch from one source file).
 
     Use ``batch_size=None`` in the DataLoader (batches are built here), or `CorpusLoader`, which
     also tracks the position for `state_dict`. `len()` is the number of batches this rank still
@@ -88,8 +91,11 @@ class CorpusDataset(IterableDataset):
         val_fraction: float = 0.0,
         mask: bool = True,
         tail: str = "even",
+        mix_shards: int = 16,
     ) -> None:
         super().__init__()
+        if mix_shards < 1:
+            raise ValueError(f"mix_shards must be >= 1, got {mix_shards}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, {world_size})")
         if split not in ("all", "train", "val"):
@@ -99,7 +105,7 @@ class CorpusDataset(IterableDataset):
         self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
         self.batch_size, self.max_genes, self.tail = batch_size, max_genes, tail
         self.mask_ratio, self.hide_fraction, self.mask = mask_ratio, hide_fraction, mask
-        self.split, self.val_fraction = split, val_fraction
+        self.split, self.val_fraction, self.mix_shards = split, val_fraction, mix_shards
         self.files = [self.dir / s.file for s in self.manifest.shards]
         sizes = np.array([s.n_cells for s in self.manifest.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global cell index of row 0
@@ -115,7 +121,7 @@ class CorpusDataset(IterableDataset):
         self.sizes = sizes  # (n_shards,) cells taking part per shard
         self.start_batch = 0
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
-        self._perm_cache: tuple[int, int, np.ndarray] | None = None
+        self._perm_cache: tuple[int, int, np.ndarray, np.ndarray] | None = None
 
     # ---- position -------------------------------------------------------------------------
     @property
@@ -158,49 +164,58 @@ class CorpusDataset(IterableDataset):
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         bounds = batch_bounds(self.n_cells, self.world_size, self.batch_size, self.tail)
         order = shard_order(self.seed, self.epoch, len(self.files))
-        stream_ends = np.cumsum(self.sizes[order])  # (n_shards,) end of each shard in the stream
         for i in range(self.start_batch + wid, self.batches_per_rank, nw):
             k = i * self.world_size + self.rank
-            yield self.make_batch(int(bounds[k]), int(bounds[k + 1]), order, stream_ends)
+            yield self.make_batch(int(bounds[k]), int(bounds[k + 1]), order)
 
-    def cells_at(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray
-                 ) -> list[tuple[int, np.ndarray]]:
-        """Stream positions [a, b) -> [(shard, rows)], in stream order."""
+    def _window_ends(self, order: np.ndarray) -> np.ndarray:
+        """(n_windows,) stream position where each window of `mix_shards` shards ends."""
+        return np.cumsum(np.add.reduceat(self.sizes[order], np.arange(0, len(order), self.mix_shards)))
+
+    def cells_at(self, a: int, b: int, order: np.ndarray) -> list[tuple[int, np.ndarray]]:
+        """Stream positions [a, b) -> [(shard, rows)], grouped by shard (rows in stream order)."""
+        ends = self._window_ends(order)
         out = []
-        j = int(np.searchsorted(stream_ends, a, side="right"))
+        w = int(np.searchsorted(ends, a, side="right"))
         while a < b:
-            shard = int(order[j])
-            begin = int(stream_ends[j] - self.sizes[shard])
-            stop = min(b, int(stream_ends[j]))
-            perm = self._rows_perm(shard)
-            rows = perm[a - begin : stop - begin]
-            sel = self.selected[shard]
-            out.append((shard, rows if sel is None else sel[rows]))
-            a, j = stop, j + 1
+            begin, stop = int(ends[w - 1]) if w else 0, min(b, int(ends[w]))
+            window = order[w * self.mix_shards : (w + 1) * self.mix_shards]  # shards of window w
+            starts = np.concatenate([[0], np.cumsum(self.sizes[window])])
+            slot, perm = self._window_perm(w, starts)
+            pos = perm[a - begin : stop - begin]  # (n,) positions among the window's cells
+            which = slot[pos]
+            for j in np.unique(which):
+                rows = pos[which == j] - starts[j]
+                shard = int(window[j])
+                sel = self.selected[shard]
+                out.append((shard, rows if sel is None else sel[rows]))
+            a, w = stop, w + 1
         return out
 
-    def _rows_perm(self, shard: int) -> np.ndarray:
+    def _window_perm(self, w: int, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard slot of each of the window's cells, their permutation), cached per window."""
         c = self._perm_cache
-        if c is None or c[0] != shard or c[1] != self.epoch:
-            c = (shard, self.epoch, rows_order(self.seed, self.epoch, shard, int(self.sizes[shard])))
+        if c is None or c[0] != w or c[1] != self.epoch:
+            slot = np.repeat(np.arange(len(starts) - 1), np.diff(starts))
+            c = (w, self.epoch, slot, window_order(self.seed, self.epoch, w, int(starts[-1])))
             self._perm_cache = c
-        return c[2]
+        return c[2], c[3]
 
     def _reader(self, shard: int) -> ShardReader:
         r = self._readers.get(shard)
         if r is None:
             r = ShardReader(self.files[shard])
             self._readers[shard] = r
-            if len(self._readers) > _OPEN_SHARDS:
+            if len(self._readers) > max(_OPEN_SHARDS, self.mix_shards):
                 self._readers.popitem(last=False)
         else:
             self._readers.move_to_end(shard)
         return r
 
-    def read_cells(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray):
+    def read_cells(self, a: int, b: int, order: np.ndarray):
         """Stream positions [a, b) -> (global cell index (n,), indptr (n+1,), gene_ids, counts)."""
         parts = [(self.offsets[s] + rows, *self._reader(s).take(rows))
-                 for s, rows in self.cells_at(a, b, order, stream_ends)]
+                 for s, rows in self.cells_at(a, b, order)]
         if len(parts) == 1:
             return parts[0]
         idx = np.concatenate([p[0] for p in parts])
@@ -208,8 +223,8 @@ class CorpusDataset(IterableDataset):
         indptr = np.concatenate([[0], np.cumsum(lens)])
         return idx, indptr, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
 
-    def make_batch(self, a: int, b: int, order: np.ndarray, stream_ends: np.ndarray) -> CellBatch:
-        cell_index, indptr, gene_ids, counts = self.read_cells(a, b, order, stream_ends)
+    def make_batch(self, a: int, b: int, order: np.ndarray) -> CellBatch:
+        cell_index, indptr, gene_ids, counts = self.read_cells(a, b, order)
         return tokenize_batch(cell_index, indptr, gene_ids, counts, seed=self.seed, epoch=self.epoch,
                               max_genes=self.max_genes, mask=self.mask, mask_ratio=self.mask_ratio,
                               hide_fraction=self.hide_fraction)

@@ -4,9 +4,13 @@ Everything here is a pure function of (seed, epoch, shard sizes, world size, bat
 rank and every DataLoader worker computes the same plan without talking to the others, and the
 tokens of a cell never depend on how many workers or ranks there are.
 
-Epoch order: shards in a permuted order, the cells of each shard permuted, concatenated (a
-stream of N cells). The stream is cut into `n_rank_batches * world_size` consecutive batches and
-batch k goes to rank k % world_size, so each rank has the same number of batches (DDP needs it).
+Epoch order: shards in a permuted order, taken `mix_shards` at a time (a window); the cells of
+a window's shards are permuted together and the windows concatenated (a stream of N cells). So a
+batch mixes cells of up to `mix_shards` source shards instead of holding one file's cells, which
+would make consecutive steps chase one data set after another; with at most `mix_shards` shards
+the whole epoch is one uniform shuffle, and memory for the permutation stays O(window cells).
+The stream is cut into `n_rank_batches * world_size` consecutive batches and batch k goes to
+rank k % world_size, so each rank has the same number of batches (DDP needs it).
 Tail handling:
 - ``"even"`` (default): the N cells are spread over the batches as evenly as possible (sizes
   differ by at most one, all equal `batch_size` when `world_size * batch_size` divides N): every
@@ -56,8 +60,9 @@ def shard_order(seed: int, epoch: int, n_shards: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch, 0x5A4D]).permutation(n_shards)
 
 
-def rows_order(seed: int, epoch: int, shard: int, n_rows: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch, 0x524F, shard]).permutation(n_rows)
+def window_order(seed: int, epoch: int, window: int, n_cells: int) -> np.ndarray:
+    """Permutation of the `n_cells` cells of one window of shards."""
+    return np.random.default_rng([seed, epoch, 0x524F, window]).permutation(n_cells)
 
 
 def batch_bounds(n_cells: int, world_size: int, batch_size: int, tail: str = "even") -> np.ndarray:

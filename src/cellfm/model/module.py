@@ -3,6 +3,9 @@
     gene ids, values (B, L) -> gene table + value encoder -> [CLS] + tokens (B, L+1, D)
     -> n_layers RetentionLayer (first half: hidden values and padding removed from the keys;
        second half: only padding removed) -> CLS = cell embedding, tokens -> decoders.
+
+With `config.st_tokens` and library-size features `st_feat` (B, 2), two ST tokens follow CLS,
+[CLS, ST, ST] + tokens (B, L+3, D), as in the authors' FinetuneModel (st_tokens.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from torch import nn
 from cellfm.config import ModelConfig
 from cellfm.model.decoders import CellwiseDecoder, ValueDecoder
 from cellfm.model.retention import RetentionLayer
+from cellfm.model.st_tokens import STTokens
 from cellfm.model.value_encoder import ValueEncoder
 
 
@@ -47,6 +51,7 @@ class CellFMModule(nn.Module):
         )
         self.value_dec = ValueDecoder(c.d_model, zero_head=c.add_zero)
         self.cellwise_dec = CellwiseDecoder(c.d_model, zero_head=c.add_zero)
+        self.st = STTokens(c.d_model, c.value_bins) if c.st_tokens else None
         self.activation_checkpointing = False
         if self.gene_emb.device.type != "meta":
             self.reset_parameters()
@@ -56,7 +61,10 @@ class CellFMModule(nn.Module):
         """Official init: Xavier-normal(0.5) tables, Xavier gain (8 n_layers)^-1/4 on v, u, o."""
         nn.init.xavier_normal_(self.gene_emb, gain=0.5)
         self.gene_emb[0].zero_()
-        nn.init.xavier_normal_(self.cls_token.view(1, -1), gain=0.5)
+        # MindSpore's XavierNormal(0.5) on the (1, 1, D) token: fan_in = fan_out = D
+        nn.init.normal_(self.cls_token, std=0.5 * self.config.d_model**-0.5)
+        if self.st is not None:
+            self.st.reset_parameters()
         beta = (8 * self.config.n_layers) ** -0.25
         for layer in self.encoder:
             a, f = layer.attn, layer.ffn
@@ -70,8 +78,10 @@ class CellFMModule(nn.Module):
         values: torch.Tensor,
         token_mask: torch.Tensor,
         hidden_mask: torch.Tensor | None = None,
+        st_feat: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns the last layer's states (B, L+1, D) with CLS first, and gene_emb (B, L, D)."""
+        """Returns the last layer's states (B, P+L, D), P = 1 (CLS) or 3 (CLS, ST, ST) leading
+        tokens, and gene_emb (B, L, D)."""
         B, L = gene_ids.shape
         c = self.config
         gene_emb = self.gene_emb[gene_ids]  # (B, L, D)
@@ -83,12 +93,19 @@ class CellFMModule(nn.Module):
             zero = ((values == 0) & token_mask).unsqueeze(-1).to(x.dtype) * visible.unsqueeze(-1)
             x = zero * self.zero_emb + (1 - zero) * x
         x = gene_emb + x
-        x = torch.cat([self.cls_token.expand(B, 1, -1).to(x.dtype), x], dim=1)  # (B, T=L+1, D)
-        ones = tokens.new_ones(B, 1)
-        keep = torch.cat([ones, tokens], dim=1)  # (B, T) real tokens incl. CLS
+        lead = [self.cls_token.expand(B, 1, -1).to(x.dtype)]
+        if st_feat is not None:
+            if self.st is None:
+                raise ValueError("st_feat given but this model has no ST tokens (config.st_tokens=False)")
+            lead.append(self.st(st_feat).to(x.dtype))  # (B, 2, D)
+        x = torch.cat([*lead, x], dim=1)  # (B, T=P+L, D)
+        ones = tokens.new_ones(B, x.shape[1] - L)
+        keep = torch.cat([ones, tokens], dim=1)  # (B, T) real tokens incl. CLS (and ST)
         if c.pad_zero:
             x = x * keep.unsqueeze(-1)
-        # V is scaled by 1/sqrt(number of expressed genes) (official: rsqrt(sum(zero_idx) - 1))
+        # V is scaled by 1/sqrt(number of expressed genes) (official: rsqrt(sum(zero_idx) - 1); the
+        # ST model's rsqrt(sum - 3)). A per-cell factor on V cancels in the head RMS norm of the
+        # retention output, so these variants give the same outputs and gradients.
         len_scale = torch.rsqrt(tokens.sum(1).clamp_min(1.0))  # (B,)
         first_keys = torch.cat([ones, visible], dim=1)
         for i, layer in enumerate(self.encoder):
@@ -107,11 +124,14 @@ class CellFMModule(nn.Module):
         values: torch.Tensor,
         token_mask: torch.Tensor,
         hidden_mask: torch.Tensor | None = None,
+        st_feat: torch.Tensor | None = None,
     ) -> ModelOutput:
-        states, gene_emb = self.encode(gene_ids, values, token_mask, hidden_mask)
-        cell_emb, token_emb = states[:, 0], states[:, 1:]
+        states, gene_emb = self.encode(gene_ids, values, token_mask, hidden_mask, st_feat)
+        cell_emb, token_emb = states[:, 0], states[:, states.shape[1] - gene_ids.shape[1]:]
         gene_pred, gene_zero = self.value_dec(token_emb)
         cell_pred, cell_zero = self.cellwise_dec(cell_emb, gene_emb)
+        if self.config.cellwise_offset:
+            cell_pred = cell_pred + visible_mean(values, token_mask, hidden_mask)
         return ModelOutput(cell_emb, token_emb, gene_emb, gene_pred, cell_pred, gene_zero, cell_zero)
 
     def merge_lora(self) -> None:
@@ -121,6 +141,15 @@ class CellFMModule(nn.Module):
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def visible_mean(values: torch.Tensor, token_mask: torch.Tensor, hidden_mask: torch.Tensor | None
+                 ) -> torch.Tensor:
+    """(B, 1) mean value of the tokens the encoder sees: the cell's library-size level, known from
+    the input, so the cell-wise decoder can add it instead of reading it from the CLS."""
+    seen = token_mask if hidden_mask is None else token_mask & ~hidden_mask
+    seen = seen.to(values.dtype)
+    return (values * seen).sum(1, keepdim=True) / seen.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def approx_flops_per_token(config: ModelConfig) -> float:

@@ -117,7 +117,7 @@ class CellTypeAnnotator:
         `threshold` (min confidence) and the centroid-distance cut-off are calibrated so that at
         most `max_rejected` of the held-out reference cells would be called unknown.
         """
-        from cellfm.embed import resolve_device, resolve_model
+        from cellfm.embedding import resolve_device, resolve_model
 
         if mode not in ("frozen", "lora", "full"):
             raise ValueError(f"mode must be 'frozen', 'lora' or 'full', not {mode!r}")
@@ -301,7 +301,7 @@ class CellTypeAnnotator:
         """Calibrated probabilities (N, C) and CLS embeddings (N, D) of the cells of `adata`."""
         import warnings
 
-        from cellfm.embed import resolve_device
+        from cellfm.embedding import resolve_device
 
         if self.head is None or self.encoder is None:
             raise RuntimeError("this CellTypeAnnotator is not fitted: call fit() or CellTypeAnnotator.load()")

@@ -117,7 +117,7 @@ def evaluate_integration(
     no labels or batches are used) and scored as a further row (obsm["X_cellfm_finetuned"]).
     Returns {"table": DataFrame (one row per method), "embeddings": {method: array}}.
     """
-    from cellfm.embed import embed
+    from cellfm.embedding import embed
     from cellfm.tasks.baselines import HvgPca
 
     for key in (batch_key, label_key):

@@ -108,7 +108,7 @@ def perturbation_gene_features(
     Genes missing from the vocabulary get the mean embedding (so the prediction falls back to the
     average effect); their number is in `features["cellfm"].attrs["n_missing"]`.
     """
-    from cellfm.embed import get_gene_embeddings
+    from cellfm.embedding import get_gene_embeddings
     from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
 
     table = get_gene_embeddings(model)

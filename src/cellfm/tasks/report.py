@@ -56,7 +56,8 @@ def run_evaluation(
 
     `quick` subsamples cells and genes (minutes on a laptop CPU instead of tens of minutes).
     """
-    from cellfm.embed import resolve_model
+    from cellfm.embedding import resolve_model
+    from cellfm.tasks import report_sections as task
     from cellfm.tasks.benchmark_data import default_data_dir, load_benchmark
 
     unknown = sorted(set(tasks) - set(TASKS))
@@ -96,25 +97,27 @@ def run_evaluation(
     if "annotation" in tasks:
         section(
             "Cell type annotation",
-            lambda: _annotation(model, data_dir, out, annotation_mode, quick, seed, progress),
+            lambda: task.annotation_section(model, data_dir, out, annotation_mode, quick, seed, progress),
         )
     if "integration" in tasks:
         section(
             "Batch integration",
-            lambda: _integration(model, data_dir, out, quick, seed, progress, integration_finetune_epochs),
+            lambda: task.integration_section(model, data_dir, out, quick, seed, progress,
+                                             integration_finetune_epochs),
         )
     if "perturbation" in tasks:
         section(
             "Perturbation effect prediction",
-            lambda: _perturbation(model, data_dir, out, get_reference(), seed),
+            lambda: task.perturbation_section(model, data_dir, out, get_reference(), seed),
         )
     if "gene_function" in tasks:
         section(
             "Gene function",
-            lambda: _gene_function(model, data_dir, out, get_reference(), quick, seed, progress),
+            lambda: task.gene_function_section(model, data_dir, out, get_reference(), quick, seed, progress),
         )
     if "gene_network" in tasks:
-        section("Gene networks", lambda: _gene_network(model, data_dir, out, get_reference(), seed, progress))
+        section("Gene networks",
+                lambda: task.gene_network_section(model, data_dir, out, get_reference(), seed, progress))
 
     summary = summary_table(results)
     if len(summary):
@@ -201,206 +204,3 @@ def _jsonable(v):
     if isinstance(v, np.ndarray):
         return v.tolist()
     return str(v)
-
-
-def _img(path: Path | None, alt: str) -> str:
-    return f"![{alt}]({path.name})" if path is not None else "_(matplotlib not installed: no figure)_"
-
-
-def _annotation(model, data_dir, out, mode, quick, seed, progress):
-    from cellfm.tasks.annotation import evaluate_annotation
-    from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark
-    from cellfm.tasks.report_plots import confusion_matrix_plot, grouped_bars
-
-    rows, res, text = [], {}, []
-    for ds in ANNOTATION_SETS:
-        adata = load_benchmark(ds, data_dir)
-        if quick and adata.n_obs > 1000:
-            adata = adata[
-                np.sort(np.random.default_rng(seed).choice(adata.n_obs, 1000, replace=False))
-            ].copy()
-        r = evaluate_annotation(
-            adata, BENCHMARKS[ds].label_key, model, mode=mode, seed=seed, progress=progress
-        )
-        t = r["table"].assign(dataset=ds)
-        rows.append(t)
-        res[ds] = {k: v for k, v in r.items() if k not in ("y_true", "predictions")}
-        text.append(
-            f"- **{ds}** ({BENCHMARKS[ds].description}): {r['n_train']} train / {r['n_test']} test "
-            f"cells; CellFM open-set rejection {r['rejected_fraction']:.1%} of test cells, "
-            f"accuracy on the accepted ones {r['accuracy_on_accepted']:.3f}; temperature "
-            f"{r['temperature']:.2f}."
-        )
-        if ds == "pbmc3k":
-            cm = confusion_matrix_plot(
-                r["y_true"],
-                r["predictions"][f"CellFM ({mode})"],
-                out / "confusion_pbmc3k.png",
-                f"CellFM ({mode}) on pbmc3k test cells",
-            )
-    table = pd.concat(rows)[["dataset", "method", "accuracy", "macro_f1"]]
-    bars = grouped_bars(
-        table,
-        "dataset",
-        "method",
-        "macro_f1",
-        out / "annotation_bars.png",
-        "Cell type annotation, macro-F1 (held-out 20 %)",
-        (0, 1),
-    )
-    text = (
-        "Stratified 80/20 split per data set (seed fixed); CellFM annotator trained on the 80 % "
-        f"(mode `{mode}`, 10 % of it for validation / early stopping / temperature); baselines: "
-        "logistic regression on HVG+PCA (50 PCs of 2,000 HVGs, z-scored) and distance-weighted kNN "
-        "(k=15) on the same PCA, both fitted on the training cells only. Closed-set accuracy (every "
-        "cell gets its most likely type) so that all methods are compared alike.\n\n"
-        + markdown_table(table)
-        + "\n\n"
-        + "\n".join(text)
-        + "\n\n"
-        + _img(bars, "annotation bars")
-        + "\n\n"
-        + _img(cm, "confusion matrix")
-    )
-    return text, {"table": table, **res}
-
-
-def _integration(model, data_dir, out, quick, seed, progress, finetune_epochs):
-    from cellfm.tasks.integration import build_pbmc_batches, evaluate_integration
-    from cellfm.tasks.report_plots import embedding_maps, grouped_bars
-
-    adata = build_pbmc_batches(data_dir, max_cells_per_batch=600 if quick else None, seed=seed)
-    r = evaluate_integration(adata, model, seed=seed, progress=progress, finetune_epochs=finetune_epochs)
-    table = r["table"]
-    maps = embedding_maps(
-        r["embeddings"], adata.obs, ["coarse_type", "batch"], out / "integration_maps.png", seed
-    )
-    long = table.melt(id_vars="method", value_vars=["batch_score", "bio_score", "overall"], var_name="score")
-    bars = grouped_bars(
-        long, "score", "method", "value", out / "integration_bars.png", "Batch integration", (0, 1)
-    )
-    counts = adata.obs.groupby("batch", observed=True).size().to_dict()
-    text = (
-        f"Batches = data sets {counts} on their {adata.n_vars} common genes; labels harmonised to coarse "
-        "types (`COARSE_TYPES` in tasks/integration.py; the celltypist sample is unlabelled and counts "
-        "for iLISI only). The batches differ in biology too (different donors / label sets), so perfect "
-        "mixing is not the goal: read batch and bio scores together. CellFM zero-shot, and after "
-        f"{finetune_epochs} epoch(s) of the official integration fine-tuning recipe (masked value "
-        "reconstruction on half of each cell's genes + elastic cell similarity, all parameters, Adam "
-        "1e-4; self-supervised: labels and batches unused; the tutorial runs 30 epochs on a GPU).\n\n"
-        + markdown_table(table)
-        + "\n\n"
-        + _img(bars, "integration bars")
-        + "\n\n"
-        + _img(maps, "embedding maps")
-    )
-    return text, {"table": table}
-
-
-def _perturbation(model, data_dir, out, reference, seed):
-    from cellfm.tasks.benchmark_data import load_benchmark
-    from cellfm.tasks.perturbation import evaluate_perturbation
-    from cellfm.tasks.report_plots import grouped_bars
-
-    adata = load_benchmark("papalexi", data_dir)
-    r = evaluate_perturbation(adata, model, reference=reference, seed=seed)
-    table = r["table"]
-    long = table.melt(id_vars="method", value_vars=["pearson_all", "pearson_top_de"], var_name="metric")
-    bars = grouped_bars(
-        long,
-        "metric",
-        "method",
-        "value",
-        out / "perturbation_bars.png",
-        "Held-out knock-outs: Pearson of predicted vs true effect",
-    )
-    text = (
-        f"Papalexi 2021 ECCITE-seq (THP-1, 299-gene panel): effect = mean log-normalised expression of "
-        f"each of the {len(r['effects'])} knock-outs minus non-targeting controls (size factor = the "
-        "full-transcriptome UMI count). 5-fold split over perturbations (each knock-out is predicted by "
-        "a model that never saw it). Pearson over all 299 genes and over the 20 genes with the largest "
-        f"|true effect| of each held-out knock-out, averaged. {r['n_missing_in_vocab']} targets are "
-        "missing from the vocabulary (they get the mean embedding). Expression stats are of the target "
-        "gene in PBMC 4k cells (most targets are not in the 299-gene panel).\n\n"
-        + markdown_table(table)
-        + "\n\n"
-        + _img(bars, "perturbation bars")
-    )
-    return text, {"table": table, "per_perturbation": r["per_perturbation"]}
-
-
-def _gene_function(model, data_dir, out, reference, quick, seed, progress):
-    from cellfm.tasks.gene_function import evaluate_binary_tasks, evaluate_go_terms, summarise_go
-    from cellfm.tasks.report_plots import grouped_bars
-
-    binary = evaluate_binary_tasks(
-        model, data_dir=data_dir, reference=reference, seed=seed, progress=progress
-    )
-    go = evaluate_go_terms(
-        model,
-        data_dir=data_dir,
-        reference=reference,
-        seed=seed,
-        progress=progress,
-        max_genes=1500 if quick else 3000,
-        n_terms=5 if quick else 10,
-    )
-    go_sum = summarise_go(go)
-    both = pd.concat(
-        [
-            binary[["task", "method", "auroc"]],
-            go_sum.assign(task="GO " + go_sum["ontology"])[["task", "method", "auroc"]],
-        ]
-    )
-    bars = grouped_bars(
-        both,
-        "task",
-        "method",
-        "auroc",
-        out / "gene_function_bars.png",
-        "Gene function, 5-fold CV AUROC",
-        (0.3, 1),
-    )
-    text = (
-        "Logistic regression (balanced, C=0.1, standardised features), 5-fold stratified CV AUROC. "
-        "Features: the CellFM gene table row, expression statistics in PBMC 4k cells (log mean, log "
-        "variance, detection rate, measured flag) and random vectors of the same width. Binary tasks: "
-        "Geneformer's labels mapped through the vocabulary (Ensembl id, then symbol). GO: most frequent "
-        "moderate-size terms per ontology among annotated vocabulary genes (subsampled), one-vs-rest."
-        "\n\n### Binary tasks\n\n"
-        + markdown_table(binary)
-        + "\n\n### GO terms (mean over terms)\n\n"
-        + markdown_table(go_sum)
-        + "\n\n"
-        + _img(bars, "gene function bars")
-    )
-    return text, {"binary": binary, "go": go, "go_summary": go_sum}
-
-
-def _gene_network(model, data_dir, out, reference, seed, progress):
-    from cellfm.tasks.gene_network import evaluate_gene_network
-    from cellfm.tasks.report_plots import grouped_bars
-
-    r = evaluate_gene_network(model, data_dir=data_dir, reference=reference, seed=seed, progress=progress)
-    table = r["table"]
-    r["neighbours"].to_csv(out / "gene_neighbours_top10.tsv", sep="\t", index=False)
-    bars = grouped_bars(
-        table,
-        "annotation",
-        "method",
-        "fold_enrichment",
-        out / "gene_network_bars.png",
-        "Top-10 neighbour pairs sharing an annotation: fold over random pairs",
-    )
-    text = (
-        f"{r['n_genes']} genes (vocabulary genes with a GO BP annotation, detected in >= 5 % of PBMC 4k "
-        "cells). For each gene its 10 nearest genes by cosine similarity; share = fraction of those pairs "
-        "with a common GO BP term (terms of 5-500 genes, propagated) or Reactome pathway (5-500 genes); "
-        "random = the same for 50,000 random pairs of the same genes; p_permutation from 50 shuffles of "
-        "the annotations among genes. No TF-target pair source is in the shared data, so that check is "
-        "not run. Neighbour list of CellFM: `gene_neighbours_top10.tsv`.\n\n"
-        + markdown_table(table)
-        + "\n\n"
-        + _img(bars, "gene network bars")
-    )
-    return text, {"table": table}

@@ -29,8 +29,9 @@ def count_matrix(adata, layer: str | None = None):
 
 def tokenize_chunk(
     counts: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, max_genes: int, seed: int
-) -> list[tuple[int, np.ndarray, np.ndarray]]:
-    """[(row, ids, values)] of the cells of one chunk; empty cells are left out."""
+) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
+    """[(row, ids, values, total)] of the cells of one chunk (total: the library-scaled count over
+    the vocabulary genes that the values are normalised by); empty cells are left out."""
     scaled = scale_library(counts)  # scaling uses all genes of the input
     ids_all = column_ids[scaled.indices]
     keep = ids_all > 0
@@ -53,7 +54,7 @@ def tokenize_chunk(
             cid, cval = tokenize_cell(ids[s:e], cnt[s:e], totals[r], max_genes, rng)
         else:
             cid, cval = ids[s:e].astype(np.int32), values[s:e]
-        out.append((first_row + r, cid, cval))
+        out.append((first_row + r, cid, cval, float(totals[r])))
     return out
 
 
@@ -72,7 +73,7 @@ def iter_token_batches(
             yield _pad(cells[b : b + batch_size])
 
 
-def _pad(cells: list[tuple[int, np.ndarray, np.ndarray]]) -> CellBatch:
+def _pad(cells: list[tuple[int, np.ndarray, np.ndarray, float]]) -> CellBatch:
     B, L = len(cells), max(len(c[1]) for c in cells)
     lens = np.array([len(c[1]) for c in cells])
     tok = np.arange(L)[None, :] < lens[:, None]  # (B, L)
@@ -81,4 +82,6 @@ def _pad(cells: list[tuple[int, np.ndarray, np.ndarray]]) -> CellBatch:
     ids[tok] = np.concatenate([c[1] for c in cells])
     vals[tok] = np.concatenate([c[2] for c in cells])
     index = torch.tensor([c[0] for c in cells], dtype=torch.int64)
-    return CellBatch(torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tok), cell_index=index)
+    totals = torch.tensor([c[3] for c in cells], dtype=torch.float32)
+    return CellBatch(torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tok), cell_index=index,
+                     totals=totals)

@@ -65,6 +65,14 @@ class TrainConfig:
     device: str = "auto"  # "auto": cuda:LOCAL_RANK if available, else cpu
     num_workers: int = 0  # DataLoader worker processes per training process
     threads: int | None = None  # torch.set_num_threads for CPU runs
+    mix_shards: int = 16  # cells of this many corpus shards are shuffled together (1: a shard at a time)
+    cellwise_weight: float = 1.0  # weight of the cell-wise (CLS) decoder's loss terms; official 1
+    # cell-identity probe: labelled .h5ad files (raw counts) whose CLS embeddings are scored by kNN and
+    # linear-probe accuracy at step 0 and at every evaluation; probe_label_key: one obs column for
+    # all files, or one per file
+    probe_files: list[str] = field(default_factory=list)
+    probe_label_key: str | list[str] = "cell_type"
+    probe_max_cells: int = 2000
     stop_after_steps: int | None = None  # stop (as if killed) after this step; for resume tests
     progress: bool = True
 
@@ -81,7 +89,18 @@ class TrainConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps}]")
+        if isinstance(self.probe_label_key, list) and len(self.probe_label_key) != len(self.probe_files):
+            raise ValueError(f"probe_label_key has {len(self.probe_label_key)} entries for "
+                             f"{len(self.probe_files)} probe_files: give one key, or one per file")
+        if self.mix_shards < 1:
+            raise ValueError(f"mix_shards must be >= 1, got {self.mix_shards}")
+        if self.cellwise_weight < 0:
+            raise ValueError(f"cellwise_weight must be >= 0, got {self.cellwise_weight}")
         self.model_config()  # fail now on a bad preset or override, not after the corpus loads
+
+    def probe_label_keys(self) -> list[str]:
+        keys = self.probe_label_key
+        return list(keys) if isinstance(keys, list) else [keys] * len(self.probe_files)
 
     def model_config(self) -> ModelConfig:
         base = get_preset(self.preset)
@@ -125,4 +144,6 @@ class TrainConfig:
         for key in ("corpus_dir", "out_dir"):
             if key in data and not Path(data[key]).expanduser().is_absolute():
                 data[key] = str((path.parent / data[key]).resolve())
+        data["probe_files"] = [f if Path(f).expanduser().is_absolute() else str((path.parent / f).resolve())
+                               for f in data.get("probe_files", [])]
         return cls.from_dict(data, source=str(path))

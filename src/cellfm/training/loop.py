@@ -28,6 +28,7 @@ from cellfm.training.config import TrainConfig
 from cellfm.training.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, wrap_model
 from cellfm.training.evaluate import held_out_dataset, masked_value_mse
 from cellfm.training.optim import clip_gradients, make_optimizer
+from cellfm.training.probe import probe_scores
 
 
 class _RunLog:
@@ -86,6 +87,15 @@ def export_model(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv, path: 
     return CellFM(mc, plain).save(path, overwrite=True)
 
 
+def load_probes(cfg: TrainConfig, mc) -> list:
+    """The labelled probe cells of `cfg.probe_files`, tokenized for the model's vocabulary."""
+    from cellfm.training.probe import load_probe_set
+
+    return [load_probe_set(f, key, mc.vocabulary, max_cells=cfg.probe_max_cells, max_genes=mc.max_genes,
+                           seed=cfg.seed)
+            for f, key in zip(cfg.probe_files, cfg.probe_label_keys(), strict=True)]
+
+
 def pretrain(cfg: TrainConfig) -> Path:
     """Train as configured; returns `out_dir/model` (the exported CellFM folder)."""
     from cellfm.corpus import CorpusDataset, CorpusLoader
@@ -118,7 +128,7 @@ def pretrain(cfg: TrainConfig) -> Path:
     dataset = CorpusDataset(cfg.corpus_dir, seed=cfg.seed, epoch=0, rank=env.rank, world_size=env.world_size,
                             batch_size=cfg.batch_size, max_genes=mc.max_genes, mask_ratio=mc.mask_ratio,
                             hide_fraction=mc.hide_fraction, split="train" if cfg.val_fraction else "all",
-                            val_fraction=cfg.val_fraction)
+                            val_fraction=cfg.val_fraction, mix_shards=cfg.mix_shards)
     if dataset.batches_per_rank == 0:
         raise ValueError(f"corpus {cfg.corpus_dir} has {dataset.n_cells} training cells: too few for "
                          f"batch_size={cfg.batch_size} x {env.world_size} processes; lower batch_size")
@@ -143,6 +153,10 @@ def pretrain(cfg: TrainConfig) -> Path:
     if found:
         log.write({"event": "resume", "step": step, "checkpoint": found[-1][1].name})
 
+    probes = load_probes(cfg, mc)  # every rank runs the probe forward (FSDP2 gathers across ranks)
+    if probes and step == 0:  # the random init: the reference a trained CLS must beat
+        log.write({"step": 0, **probe_scores(module, probes, env.device)})
+
     bar = None
     if cfg.progress and env.is_main:
         from tqdm import tqdm
@@ -160,7 +174,7 @@ def pretrain(cfg: TrainConfig) -> Path:
         batch = batch.to(env.device)
         with torch.autocast(env.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             output = model(batch.gene_ids, batch.values, batch.token_mask, batch.hidden_mask)
-        terms = pretraining_loss(output, batch)
+        terms = pretraining_loss(output, batch, cfg.cellwise_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         grad_norm = clip_gradients(module.parameters(), cfg.grad_clip, cfg.grad_clip_mode)
@@ -191,6 +205,8 @@ def pretrain(cfg: TrainConfig) -> Path:
             ev = masked_value_mse(model, val_ds, max_batches=cfg.eval_batches, device=env.device,
                                   autocast_dtype=autocast_dtype)
             log.write({"step": step, **ev})
+        if probes and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+            log.write({"step": step, **probe_scores(module, probes, env.device)})
         if step % cfg.ckpt_every == 0 or step == stop_at:
             trainer_state = {"step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
                              "loader": loader.state_dict(), "tokens": tokens_seen,

@@ -4,7 +4,11 @@
 cells in row chunks (a backed AnnData is never densified), runs the encoder in batches of cells
 with similar numbers of expressed genes and writes the CLS output to `adata.obsm["X_cellfm"]` in
 the original row order. Nothing else in `adata` changes apart from `adata.uns["cellfm"]` (what
-was matched).
+was matched). `adata` may also be a path (.h5ad, 10x folder or .h5, .loom): the file is read
+with `cellfm.io.read_cells` and the new AnnData returned.
+
+Error messages name Python arguments (`layer='counts'`); the CLI runs the same checks and they
+name its flags instead (see `cellfm.wording`).
 
 Cells with more than `max_genes` expressed genes (2048 for the official models) are subsampled
 to `max_genes` genes with a fixed seed, so running `embed` twice gives the same embeddings.
@@ -13,6 +17,7 @@ to `max_genes` genes with a fixed seed, so running `embed` twice gives the same 
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -30,12 +35,22 @@ log = logging.getLogger(__name__)
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """None / "auto" -> CUDA when available, else CPU; anything else is taken as given."""
+    from cellfm.wording import arg
+
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but torch sees no CUDA GPU; use device='cpu'")
-    return device
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        choices = f"{arg('device', 'cpu')}, {arg('device', 'cuda')} or {arg('device', 'auto')}"
+        raise ValueError(f"{arg('device', str(device))} is not a device torch knows: use {choices}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{arg('device', str(device))} was asked for but torch sees no CUDA GPU (a CPU-only "
+                         f"torch build?); use {arg('device', 'cpu')}")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"{arg('device', str(device))} is not supported for embedding: use "
+                         f"{arg('device', 'cpu')} or {arg('device', 'cuda')}")
+    return dev
 
 
 def resolve_model(model: CellFM | str | Path, device: torch.device | None = None) -> CellFM:
@@ -47,14 +62,54 @@ def resolve_model(model: CellFM | str | Path, device: torch.device | None = None
 
 
 def gene_names(adata: ad.AnnData, gene_key: str | None) -> pd.Index:
+    from cellfm.wording import arg, in_cli
+
     if gene_key is None:
         return pd.Index(adata.var_names.astype(str))
     if gene_key not in adata.var.columns:
+        default = "leave out --gene-key" if in_cli() else "leave gene_key=None"
         raise KeyError(
-            f"gene_key={gene_key!r} is not a column of adata.var (columns: {list(adata.var.columns)}); "
-            "leave gene_key=None to use adata.var_names"
+            f"{arg('gene_key', gene_key)} is not a column of adata.var (columns: {list(adata.var.columns)}); "
+            f"{default} to use the var names"
         )
     return pd.Index(adata.var[gene_key].astype(str))
+
+
+def refuse_duplicate_genes(names: pd.Index, gene_key: str | None) -> None:
+    """Duplicated gene names would be resolved silently (first column wins): refuse them instead."""
+    from cellfm.wording import arg
+
+    dup = names[names.duplicated()].unique()
+    if len(dup):
+        where = f"adata.var[{gene_key!r}]" if gene_key else "the var names"
+        raise ValueError(
+            f"{len(dup)} gene names occur more than once in {where} (e.g. {list(dup[:3])}), so it is "
+            f"ambiguous which column to use: sum the duplicated genes, or pass "
+            f"{arg('gene_key', placeholder='column')} naming a column of unique gene ids (e.g. Ensembl)"
+        )
+
+
+def raw_count_alternatives(adata: ad.AnnData, layer: str | None) -> list[str]:
+    """Other places in `adata` (layers, .raw) whose first rows look like raw counts, as the
+    `layer` values that select them."""
+    from cellfm.corpus.input_checks import looks_like_raw_counts
+    from cellfm.tokenizer import count_matrix
+
+    found = []
+    for name in [*adata.layers.keys(), *(["raw"] if adata.raw is not None else [])]:
+        if name == (layer or None):
+            continue
+        first = next(iter_first_rows(count_matrix(adata, name)), None)
+        if first is not None and first.nnz and looks_like_raw_counts(first)[0]:
+            found.append(name)
+    return found
+
+
+def iter_first_rows(matrix, n: int = 200):
+    from cellfm.tokenizer import iter_row_chunks
+
+    for _, block in iter_row_chunks(matrix[: min(n, matrix.shape[0])], n):
+        yield block
 
 
 def expressed_matched_genes(adata: ad.AnnData, columns: np.ndarray, layer: str | None,
@@ -88,13 +143,16 @@ def embed(
     max_genes: int | None = None,
     empty: Literal["raise", "zero"] = "raise",
     seed: int = 0,
+    allow_non_integer: bool = False,
 ) -> ad.AnnData | None:
     """Embed every cell of `adata` with a CellFM model.
 
     Parameters
     ----------
     adata
-        Cells x genes with raw counts in `adata.X` (or `layer`); may be backed (`backed="r"`).
+        Cells x genes with raw counts in `adata.X` (or `layer`); may be backed (`backed="r"`). Or a
+        path to an .h5ad, a 10x matrix folder, a 10x .h5 or a .loom file: it is read and the new
+        AnnData is returned.
     model
         A `CellFM`, a built-in model name (e.g. "cellfm-mini") or a model folder / checkpoint.
     batch_size
@@ -103,7 +161,8 @@ def embed(
         "cpu", "cuda" or "auto"/None (CUDA when available). CPU runs in float32, CUDA in bfloat16
         autocast.
     layer
-        Take counts from `adata.layers[layer]` instead of `adata.X`.
+        Take counts from `adata.layers[layer]` instead of `adata.X`; "raw" takes `adata.raw`
+        (its own genes).
     key_added
         The embeddings go to `adata.obsm[key_added]`, float32 (n_cells, d_model).
     gene_key
@@ -122,11 +181,14 @@ def embed(
         error says how many and how to filter them) or "zero" (a zero embedding row).
     seed
         Seed of the subsampling of cells with more than `max_genes` genes.
+    allow_non_integer
+        Accept non-negative counts that are not whole numbers (ambient-corrected counts from
+        SoupX / CellBender). Log-transformed or CPM-like data are refused regardless.
 
     Returns
     -------
-    The new AnnData if `copy=True`, else None. Also writes `adata.uns["cellfm"]`: the model and
-    the gene-matching summary.
+    The new AnnData if `copy=True` or `adata` was a path, else None. Also writes
+    `adata.uns["cellfm"]`: the model and the gene-matching summary.
 
     Examples
     --------
@@ -135,31 +197,66 @@ def embed(
     >>> sc.pp.neighbors(adata, use_rep="X_cellfm")
     """
     from cellfm.tokenizer import check_counts, count_matrix, iter_token_batches
+    from cellfm.wording import arg, in_cli
 
+    if isinstance(adata, (str, Path)):
+        from cellfm.io import read_cells
+
+        loaded = read_cells(adata)
+        embed(loaded, model, batch_size=batch_size, device=device, layer=layer, key_added=key_added,
+              gene_key=gene_key, progress=progress, max_genes=max_genes, empty=empty, seed=seed,
+              allow_non_integer=allow_non_integer)
+        return loaded
     if empty not in ("raise", "zero"):
-        raise ValueError(f"empty must be 'raise' or 'zero', not {empty!r}")
+        raise ValueError(f"{arg('empty', empty)} is not a choice: use {arg('empty', 'raise')} or "
+                         f"{arg('empty', 'zero')}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
+        raise ValueError(f"{arg('batch_size', batch_size)}: the batch size must be positive")
     dev = resolve_device(device)
+    if adata.n_obs == 0:
+        raise ValueError("the input has no cells (0 rows): nothing to embed")
+    if layer == "raw":  # adata.raw has its own genes: embed it as an AnnData of its own
+        if adata.raw is None:
+            raise ValueError(f"{arg('layer', 'raw')} was asked for but the AnnData has no .raw")
+        target = adata.to_memory() if (copy and adata.isbacked) else (adata.copy() if copy else adata)
+        result = embed(adata.raw.to_adata(), model, batch_size=batch_size, device=dev, key_added=key_added,
+                       gene_key=gene_key, copy=True, progress=progress, max_genes=max_genes, empty=empty,
+                       seed=seed, allow_non_integer=allow_non_integer)
+        target.obsm[key_added] = result.obsm[key_added]
+        target.uns["cellfm"] = {**result.uns["cellfm"], "layer": "raw"}
+        return target if copy else None
+    if layer is not None and layer not in adata.layers:
+        raise KeyError(f"{arg('layer', layer)} is not a layer of the input (layers: {list(adata.layers)}"
+                       f"{', and .raw' if adata.raw is not None else ''})")
+    names = gene_names(adata, gene_key)
+    refuse_duplicate_genes(names, gene_key)
     model = resolve_model(model)
     config = model.config
     max_genes = config.max_genes if max_genes is None else int(max_genes)
 
-    if adata.n_obs == 0:
-        raise ValueError("adata has no cells")
-    mapping = match_genes(gene_names(adata, gene_key), model)
+    mapping = match_genes(names, model)
     log.info("cellfm gene matching: %s", mapping)
-    check_counts(count_matrix(adata, layer))
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if in_cli():
+        where = "X" if layer is None else f"layer {layer!r}"
+    others = raw_count_alternatives(adata, layer)
+    fix = None
+    if others:
+        places = ", ".join("adata.raw" if o == "raw" else f"layers[{o!r}]" for o in others)
+        fix = f"pass {' or '.join(arg('layer', o) for o in others)} (raw counts found in {places})"
+    with warnings.catch_warnings():  # empty cells are handled below, by `empty`
+        warnings.filterwarnings("ignore", message=r".* cells have no counts")
+        check_counts(count_matrix(adata, layer), allow_non_integer=allow_non_integer, where=where, fix=fix)
 
     columns = np.flatnonzero(mapping.token_ids > 0)
     n_expressed = expressed_matched_genes(adata, columns, layer)
     empty_cells = np.flatnonzero(n_expressed == 0)
     if len(empty_cells) and empty == "raise":
+        filt = "" if in_cli() else ", e.g. `sc.pp.filter_cells(adata, min_genes=1)` on the matched genes,"
         raise ValueError(
             f"{len(empty_cells)} of {adata.n_obs} cells express none of the {len(columns)} matched "
-            f"genes (first: {list(adata.obs_names[empty_cells[:3]])}); filter them first, e.g. "
-            "`sc.pp.filter_cells(adata, min_genes=1)` on the matched genes, or pass empty='zero' "
-            "to give them a zero embedding"
+            f"genes (first: {list(adata.obs_names[empty_cells[:3]])}); filter them out first{filt} "
+            f"or pass {arg('empty', 'zero')} to give them a zero embedding"
         )
 
     out = np.zeros((adata.n_obs, config.d_model), dtype=np.float32)
@@ -248,8 +345,21 @@ def match_genes(names: pd.Index, model: CellFM):
     """map_genes onto the model's vocabulary, refusing mouse-case symbols (Cd3e) that would
     otherwise match human genes only by ignoring case."""
     from cellfm.vocab import map_genes
+    from cellfm.wording import arg
 
-    mapping = map_genes(names, model.vocab)
+    with warnings.catch_warnings():  # the panel warning is re-issued below only when genes match
+        warnings.simplefilter("ignore")
+        mapping = map_genes(names, model.vocab, min_genes=0)
+    if mapping.n_matched == 0:
+        example = ", ".join(repr(g) for g in names[:5])
+        raise ValueError(
+            f"none of the {len(names)} genes (e.g. {example}) match the model's vocabulary "
+            f"{model.vocab.name!r}: use human HGNC symbols or Ensembl gene ids (if they are in a column "
+            f"of adata.var, pass {arg('gene_key', placeholder='column')}); map mouse genes to human "
+            "orthologs first"
+        )
+    if len(names) >= 200 and mapping.n_matched < 1000:
+        warnings.warn(f"{mapping}: a restricted gene panel gives a less informed embedding", stacklevel=3)
     matched = mapping.how[mapping.token_ids > 0]
     if (matched == "case").mean() > 0.5:
         example = ", ".join(repr(g) for g in mapping.names[mapping.how == "case"][:5])
