@@ -4,10 +4,10 @@ head training.
 The official annotation head reads every gene token, so a frozen encoder's per-token states are
 kept, not only the CLS vector: float16, packed without padding (one row per expressed gene), in
 memory up to `memory_limit` bytes and otherwise in a memory-mapped file in a temporary folder that
-is removed with the object. Measured on pbmc3k (2,638 cells, 508,820 tokens) with cellfm-mini on
-a shared 2-core CPU (benchmarks/annotation.py): encoder pass 88-101 s, one head epoch on the cache
-(2,110 reference cells, forward + backward) 22-28 s, cache 124 MiB. Recomputing the encoder every
-epoch would cost ~95 s per epoch instead of ~25 s, so the states are cached.
+is removed with the object. Measured on pbmc3k (2,638 cells, 508,820 tokens, cache 124 MiB) with
+cellfm-mini, one CPU thread (benchmarks/annotation.py): encoder pass 14.9 s, one head epoch on the
+cache 5.0 s (2,374 cells, forward + backward, and 264 validation cells); recomputing the encoder
+every epoch would cost 18.4 s per epoch, so the states are cached.
 """
 
 from __future__ import annotations
