@@ -4,7 +4,9 @@ tests/fixtures/parity/annotation_*.npz: 7 real pbmc3k cells (5 types) tokenized 
 random weights of a small configuration (d=32, 4 encoder layers, 4 heads, 5 types), and what the
 official `Backbone` + `Net` of tutorials/CellAnnotation/annotation_model.py computed from them in
 MindSpore 2.10 (PyNative, CPU; scripts/make_annotation_parity_fixture.py): both logit paths, the
-class-weighted training loss and the gradient of every parameter.
+class-weighted training loss and the gradient of every parameter. Measured when the fixture was
+made: logits max |diff| 1.9e-6, loss relative diff 7e-8, worst gradient max|diff| / max|grad| 6.6e-5
+(94 tensors; the mask embedding gets no gradient in either).
 """
 
 from __future__ import annotations
