@@ -12,12 +12,19 @@ Measures, on this machine:
   5. optionally (--cellfm-torch PATH) the authors' PyTorch port on the same cells and weights;
   6. `cellfm.embed` end to end (gene mapping, tokenization, model) when it is importable.
 
+`--vs-port PATH` instead times only the authors' port against ours, interleaved (A B A B ...):
+the same real cells, the same random weights of the `--vs-preset` shape (80m), fp32, >= 3 rounds,
+min and median seconds, cells/s, the ratio and each side's peak extra RSS. Ours is
+`CellFMModule.cell_embedding` (what `cellfm.embed` runs) and the full encoder; the port is its
+`embedding_infer` on our length-grouped batches and, as its own data path does, padded to 2048.
+
 FLOPs are counted analytically from the shapes (per token per layer: 8 d x d projections and the
 retention's K^T V and Q (K^T V), 2 FLOPs per multiply-add; see `approx_flops_per_token`), over
 real tokens only (padding is not counted as useful work).
 
     python benchmarks/embed.py                       # small + 80m, 256 cells, sweep on small
     python benchmarks/embed.py --cellfm-torch /tmp/official/CellFM-torch
+    python benchmarks/embed.py --vs-port /tmp/cellfm-torch --threads 1 --cells 16 --rounds 3
 """
 
 from __future__ import annotations
@@ -25,8 +32,11 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import multiprocessing as mp
+import os
 import resource
+import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +74,33 @@ def matmul_peak_gflops(sizes=(2048, 3072, 4096), repeats: int = 5) -> tuple[floa
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakExtraRSS:
+    """Largest RSS above the starting one while the block runs (sampled every 2 ms), so that two
+    methods timed in one process each get their own peak."""
+
+    def __enter__(self):
+        self.base = self.peak = rss_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.wait(0.002):
+            self.peak = max(self.peak, rss_mib())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mib())
+        self.extra = self.peak - self.base
 
 
 # ---- cells ----------------------------------------------------------------------------------
@@ -189,8 +226,8 @@ def run_preset(preset: str, data: str, n_cells: int, batch_size: int, threads: i
 
 
 # ---- the authors' PyTorch port ----------------------------------------------------------------
-def run_official(path: str, module, cfg, batches, n_cells: int, repeats: int) -> dict:
-    """Time CellFM-torch's FinetuneModel.embedding_infer on the same batches and weights."""
+def port_with_our_weights(path: str, module, cfg):
+    """CellFM-torch's FinetuneModel (imported from the checkout at PATH) holding our weights."""
     sys.path.insert(0, path)
     from layers.torch_finetune import FinetuneModel  # the authors' code, read from PATH
 
@@ -199,12 +236,9 @@ def run_official(path: str, module, cfg, batches, n_cells: int, repeats: int) ->
         enc_dropout, dropout, lora, recompute = 0.0, 0.0, 0, False
         add_zero, pad_zero, ecs, ecs_threshold = False, True, False, 0.8
 
-    if cfg.value_bins != 256:
-        return {"official_note": f"needs value_bins=256 (preset has {cfg.value_bins})"}
     theirs = FinetuneModel(cfg.n_genes, Cfg()).eval()
-    ours = module.state_dict()
     renamed = {}
-    for k, v in ours.items():
+    for k, v in module.state_dict().items():
         if k.startswith("value_enc.") and k != "value_enc.mask_emb":
             k = "value_enc.value_enc." + k.removeprefix("value_enc.")
         renamed[k] = v
@@ -215,6 +249,59 @@ def run_official(path: str, module, cfg, batches, n_cells: int, repeats: int) ->
     missing = [k for k in needed if k not in loaded]
     if missing:
         raise RuntimeError(f"could not map our weights onto CellFM-torch: {missing[:5]}")
+    return theirs
+
+
+def run_vs_port(path: str, preset: str, data: str, n_cells: int, batch_size: int, threads: int,
+                rounds: int, padded: bool) -> dict:
+    """Ours and the port interleaved, round by round, on the same batches and weights."""
+    torch.set_num_threads(threads)
+    from cellfm.config import get_preset
+    from cellfm.model import CellFMModule
+
+    cfg = get_preset(preset)
+    torch.manual_seed(0)
+    module = CellFMModule(cfg).eval()
+    theirs = port_with_our_weights(path, module, cfg)
+    cells = load_cells(Path(data), n_cells, cfg.max_genes, cfg.n_genes)
+    batches = make_batches(cells, batch_size)
+    full = [(F.pad(i, (0, cfg.max_genes - i.shape[1])), F.pad(v, (0, cfg.max_genes - v.shape[1])),
+             F.pad(m, (0, cfg.max_genes - m.shape[1]))) for i, v, m in batches]
+    methods = {
+        "ours: cell_embedding": lambda: [module.cell_embedding(i, v, m) for i, v, m in batches],
+        "ours: full encoder": lambda: [module.encode(i, v, m)[0][:, 0] for i, v, m in batches],
+        "port: embedding_infer": lambda: [theirs.embedding_infer(v, i, None, m.float())[0][:, 0]
+                                          for i, v, m in batches],
+    }
+    if padded:
+        methods["port: padded to 2048"] = lambda: [theirs.embedding_infer(v, i, None, m.float())[0][:, 0]
+                                                   for i, v, m in full]
+    times = {name: [] for name in methods}
+    peaks = dict.fromkeys(methods, 0.0)
+    with torch.inference_mode():
+        outs = {name: torch.cat(fn()) for name, fn in methods.items()}  # warm-up and outputs
+        for _ in range(rounds):
+            for name, fn in methods.items():  # A B A B ...
+                with PeakExtraRSS() as mem:
+                    t = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - t)
+                peaks[name] = max(peaks[name], mem.extra)
+    ref = outs["ours: full encoder"]
+    return {
+        "cells": len(cells), "mean_genes": sum(len(c[0]) for c in cells) / len(cells),
+        "rows": [{"name": n, "min": min(t), "median": statistics.median(t), "peak": peaks[n],
+                  "max_diff": (outs[n] - ref).abs().max().item(),
+                  "min_cos": F.cosine_similarity(outs[n], ref, dim=-1).min().item()}
+                 for n, t in times.items()],
+    }
+
+
+def run_official(path: str, module, cfg, batches, n_cells: int, repeats: int) -> dict:
+    """Time CellFM-torch's FinetuneModel.embedding_infer on the same batches and weights."""
+    if cfg.value_bins != 256:
+        return {"official_note": f"needs value_bins=256 (preset has {cfg.value_bins})"}
+    theirs = port_with_our_weights(path, module, cfg)
 
     def official_all():
         with torch.inference_mode():
@@ -298,7 +385,7 @@ def run_embed(data: str, n_cells: int, batch_size: int, threads: int) -> dict | 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--cells", type=int, default=256)
+    p.add_argument("--cells", type=int, default=None, help="default 256 (16 with --vs-port)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--presets", nargs="+", default=["small", "80m"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -308,9 +395,18 @@ def main() -> None:
     p.add_argument("--no-softmax", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up (best kept)")
     p.add_argument("--cellfm-torch", default=None, help="path of a local CellFM-torch checkout")
+    p.add_argument("--vs-port", default=None, metavar="PATH",
+                   help="only: the port at PATH vs ours, interleaved (see above)")
+    p.add_argument("--vs-preset", default="80m")
+    p.add_argument("--rounds", type=int, default=3, help="--vs-port rounds (>= 3)")
+    p.add_argument("--no-padded", action="store_true", help="--vs-port: skip the port padded to 2048")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.vs_port:
+        vs_port(args)
+        return
+    args.cells = args.cells or 256
     peak, n = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads; fp32 matmul peak {peak:.1f} GFLOP/s "
           f"(torch.mm {n}x{n}, best of 5)\n")
@@ -356,6 +452,26 @@ def main() -> None:
     else:
         print(f"\ncellfm.embed end to end (small, {args.cells} cells, from AnnData): "
               f"{r['cells_s']:.1f} cells/s, peak RSS {r['rss_peak']:.0f} MiB")
+
+
+def vs_port(args) -> None:
+    if args.rounds < 3:
+        raise SystemExit("--rounds must be at least 3")
+    n_cells = args.cells or 16
+    r = in_fresh_process(run_vs_port, args.vs_port, args.vs_preset, args.data, n_cells,
+                         min(args.batch_size, n_cells), args.threads, args.rounds, not args.no_padded)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), preset {args.vs_preset}, fp32, random "
+          f"weights shared by both; {r['cells']} real cells of {args.data} ({r['mean_genes']:.0f} genes "
+          f"a cell on average), batch size {min(args.batch_size, n_cells)}; {args.rounds} interleaved rounds")
+    port = next(x for x in r["rows"] if x["name"] == "port: embedding_infer")
+    print(f"{'method':24s} {'min s':>8s} {'median s':>9s} {'cells/s':>8s} {'vs port':>8s} "
+          f"{'peak +RSS MiB':>13s} {'max |diff|':>10s} {'min cos':>8s}")
+    for x in r["rows"]:
+        print(f"{x['name']:24s} {x['min']:8.2f} {x['median']:9.2f} {r['cells'] / x['median']:8.2f} "
+              f"{port['median'] / x['median']:7.2f}x {x['peak']:13.0f} {x['max_diff']:10.2e} "
+              f"{x['min_cos']:8.5f}")
+    print("(vs port: median time of the port's embedding_infer on the same batches / this method's; "
+          "diff and cos against our full encoder's CLS output)")
 
 
 if __name__ == "__main__":

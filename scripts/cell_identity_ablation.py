@@ -44,6 +44,8 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
                                {"cellwise_offset": True}),
     "B3_mixed_offset_mask05": ("B1 + mask ratio 0.5", {"mix_shards": 16},
                                {"cellwise_offset": True, "mask_ratio": 0.5}),
+    "C0_mixed_unexpressed": ("B0 + unexpressed-gene targets (1 per loss position)",
+                             {"mix_shards": 16, "unexpressed_ratio": 1.0}, {}),
 }
 
 

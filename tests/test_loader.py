@@ -189,3 +189,40 @@ def test_batches_mix_shards(corpus, world_size):
     assert abs((first == 1).mean() - 123 / N_CELLS) < 0.08  # uniform shuffle: no shard goes first
     with pytest.raises(ValueError, match="mix_shards"):
         _ds(corpus, mix_shards=0)
+
+
+@needs_tokenizer
+def test_unexpressed_gene_targets(corpus):
+    """unexpressed_ratio adds, per cell, round(ratio x loss positions) genes the cell does not
+    express but its shard does: hidden, in the loss, value 0; the real tokens are unchanged and
+    the stream is still the same for any number of workers."""
+    from cellfm.corpus.shards import ShardReader
+
+    plain = _stream(corpus)
+    extra = _stream(corpus, unexpressed_ratio=1.0)
+    _same(extra, _stream(corpus, 2, unexpressed_ratio=1.0))
+    manifest = CorpusManifest.load(corpus)
+    pools = [set(ShardReader(corpus / s.file).expressed_genes().tolist()) for s in manifest.shards]
+    shard_of = np.repeat([0, 1, 2], [200, 123, 200])
+    n_checked = 0
+    for a, b in zip(plain, extra, strict=True):
+        L = a.gene_ids.shape[1]
+        # the real tokens as before (positions past a cell's real tokens hold its added genes)
+        assert torch.equal(a.values, b.values[:, :L])
+        assert torch.equal(a.hidden_mask, b.hidden_mask[:, :L] & a.token_mask)
+        assert torch.equal(a.loss_mask, b.loss_mask[:, :L] & a.token_mask)
+        assert torch.equal(a.gene_ids * a.token_mask, b.gene_ids[:, :L] * a.token_mask)
+        for i in range(len(a)):
+            n_real = int(a.token_mask[i].sum())
+            n_loss = int(a.loss_mask[i].sum())
+            off = b.gene_ids[i][b.token_mask[i]][n_real:]
+            assert len(off) == round(1.0 * n_loss)
+            real = set(a.gene_ids[i][a.token_mask[i]].tolist())
+            assert not real & set(off.tolist()) and set(off.tolist()) <= pools[shard_of[int(a.cell_index[i])]]
+            tail = slice(n_real, n_real + len(off))
+            assert b.hidden_mask[i, tail].all() and b.loss_mask[i, tail].all()
+            assert (b.values[i, tail] == 0).all()
+            n_checked += len(off)
+    assert n_checked > 1000
+    with pytest.raises(ValueError, match="unexpressed_ratio"):
+        _ds(corpus, unexpressed_ratio=1.0, mask=False)

@@ -170,8 +170,10 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
 
 
 def load(name_or_path: str | Path, device: str | torch.device | None = None) -> CellFM:
-    """Load a model: a built-in name (e.g. "cellfm-mini"), a model folder, or an official
-    checkpoint file (MindSpore `.ckpt`, or a CellFM-torch `.pt`/`.pth`)."""
+    """Load a model: a built-in name (e.g. "cellfm-mini"), an official release ("cellfm-80m",
+    "cellfm-800m": downloaded and converted into the cache on first use, see
+    `cellfm.checkpoints.hub`), a model folder, or an official checkpoint file (MindSpore `.ckpt`,
+    or a CellFM-torch `.pt`/`.pth`)."""
     p = Path(name_or_path)
     builtin = PRETRAINED_DIR / str(name_or_path)
     if not p.exists() and (builtin / "config.json").is_file():
@@ -182,9 +184,13 @@ def load(name_or_path: str | Path, device: str | torch.device | None = None) -> 
         from cellfm.checkpoints import load_official_checkpoint
 
         return load_official_checkpoint(p, device=device)
+    from cellfm.checkpoints.hub import OFFICIAL_WEIGHTS, is_official_name, load_official
+
+    if is_official_name(str(name_or_path)):
+        return load_official(str(name_or_path), device=device)
     names = sorted(d.name for d in PRETRAINED_DIR.glob("*") if (d / "config.json").is_file())
     raise FileNotFoundError(
-        f"{name_or_path!r} is neither a built-in model ({names or 'none installed'}), a model "
-        "folder nor a checkpoint file. Official weights (CellFM_80M_weight.ckpt, base_weight.ckpt) "
-        "are downloaded by hand from the authors' Hugging Face release; pass their path."
+        f"{name_or_path!r} is neither a built-in model ({names or 'none installed'}), an official "
+        f"model ({', '.join(OFFICIAL_WEIGHTS)}; fetched on first use), a model folder nor a "
+        "checkpoint file."
     )

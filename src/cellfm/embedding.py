@@ -272,9 +272,9 @@ def embed(
         with torch.inference_mode(), autocast:
             for batch in batches:
                 batch = batch.to(dev, non_blocking=True)
-                states, _ = module.encode(batch.gene_ids, batch.values, batch.token_mask)
+                cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask)  # (B, D)
                 rows = batch.cell_index.cpu().numpy()
-                out[rows] = states[:, 0].float().cpu().numpy()  # CLS = cell embedding (B, D)
+                out[rows] = cls.float().cpu().numpy()
                 done[rows] = True
                 bar.update(len(rows))
     finally:

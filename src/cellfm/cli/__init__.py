@@ -99,7 +99,7 @@ def _register() -> None:
                 raise
             return None
 
-    for name in ("demo", "embed", "convert", "pretrain"):
+    for name in ("demo", "embed", "convert", "download", "pretrain"):
         if (m := module(name)) is not None:
             app.command(name, cls=Command)(getattr(m, name))
     if (m := module("corpus")) is not None:

@@ -64,6 +64,12 @@ class CorpusDataset(IterableDataset):
     mix_shards
         Cells of this many shards are shuffled together (see `epoch_plan`); 1 = one shard at a
         time (each batch from one source file).
+    unexpressed_ratio
+        Not official (0 = off): per cell, round(ratio x its loss positions) genes that the cell
+        does not express but its shard expresses somewhere join the batch as hidden loss tokens
+        with value 0. Expressed genes are the only tokens otherwise, so which genes are on is
+        never a target; with these the model must tell on from off, the signal that carries cell
+        identity. Drawn after the masks from the cell's own generator.
 
     Use ``batch_size=None`` in the DataLoader (batches are built here), or `CorpusLoader`, which
     also tracks the position for `state_dict`. `len()` is the number of batches this rank still
@@ -92,6 +98,7 @@ class CorpusDataset(IterableDataset):
         mask: bool = True,
         tail: str = "even",
         mix_shards: int = 16,
+        unexpressed_ratio: float = 0.0,
     ) -> None:
         super().__init__()
         if mix_shards < 1:
@@ -106,6 +113,10 @@ class CorpusDataset(IterableDataset):
         self.batch_size, self.max_genes, self.tail = batch_size, max_genes, tail
         self.mask_ratio, self.hide_fraction, self.mask = mask_ratio, hide_fraction, mask
         self.split, self.val_fraction, self.mix_shards = split, val_fraction, mix_shards
+        if unexpressed_ratio < 0 or (unexpressed_ratio > 0 and not mask):
+            raise ValueError(f"unexpressed_ratio={unexpressed_ratio} needs mask=True and a value >= 0")
+        self.unexpressed_ratio = unexpressed_ratio
+        self._pools: dict[int, np.ndarray] = {}  # shard -> genes it expresses (unexpressed_ratio)
         self.files = [self.dir / s.file for s in self.manifest.shards]
         sizes = np.array([s.n_cells for s in self.manifest.shards], np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # global cell index of row 0
@@ -155,7 +166,7 @@ class CorpusDataset(IterableDataset):
     def __getstate__(self) -> dict:
         """Worker copies reopen their memory maps (maps cannot be pickled under spawn)."""
         state = self.__dict__.copy()
-        state["_readers"], state["_perm_cache"] = OrderedDict(), None
+        state["_readers"], state["_perm_cache"], state["_pools"] = OrderedDict(), None, {}
         return state
 
     # ---- iteration ------------------------------------------------------------------------
@@ -213,21 +224,39 @@ class CorpusDataset(IterableDataset):
         return r
 
     def read_cells(self, a: int, b: int, order: np.ndarray):
-        """Stream positions [a, b) -> (global cell index (n,), indptr (n+1,), gene_ids, counts)."""
-        parts = [(self.offsets[s] + rows, *self._reader(s).take(rows))
+        """Stream positions [a, b) -> (global cell index (n,), indptr (n+1,), gene_ids, counts,
+        shard of each cell (n,))."""
+        parts = [(self.offsets[s] + rows, *self._reader(s).take(rows), np.full(len(rows), s))
                  for s, rows in self.cells_at(a, b, order)]
         if len(parts) == 1:
             return parts[0]
         idx = np.concatenate([p[0] for p in parts])
         lens = np.concatenate([np.diff(p[1]) for p in parts])
         indptr = np.concatenate([[0], np.cumsum(lens)])
-        return idx, indptr, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts])
+        return (idx, indptr, np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]),
+                np.concatenate([p[4] for p in parts]))
+
+    def _pool(self, shard: int) -> np.ndarray:
+        if shard not in self._pools:
+            self._pools[shard] = self._reader(shard).expressed_genes()
+        return self._pools[shard]
 
     def make_batch(self, a: int, b: int, order: np.ndarray) -> CellBatch:
-        cell_index, indptr, gene_ids, counts = self.read_cells(a, b, order)
+        cell_index, indptr, gene_ids, counts, shard = self.read_cells(a, b, order)
+        pools = [self._pool(int(s)) for s in shard] if self.unexpressed_ratio else None
         return tokenize_batch(cell_index, indptr, gene_ids, counts, seed=self.seed, epoch=self.epoch,
                               max_genes=self.max_genes, mask=self.mask, mask_ratio=self.mask_ratio,
-                              hide_fraction=self.hide_fraction)
+                              hide_fraction=self.hide_fraction, unexpressed_ratio=self.unexpressed_ratio,
+                              pools=pools)
+
+
+def unexpressed_sample(pool: np.ndarray, expressed: np.ndarray, k: int, rng: np.random.Generator
+                       ) -> np.ndarray:
+    """Up to k distinct genes of the sorted `pool` that are not in `expressed`."""
+    off = np.setdiff1d(pool, expressed, assume_unique=False)
+    if len(off) <= k:
+        return off
+    return np.sort(off[rng.choice(len(off), k, replace=False)])
 
 
 _TABLE = 64  # counts below this are looked up in a per-cell table of values
@@ -265,16 +294,24 @@ def tokenize_batch(
     mask: bool = True,
     mask_ratio: float = 0.2,
     hide_fraction: float = 0.8,
+    unexpressed_ratio: float = 0.0,
+    pools: list[np.ndarray] | None = None,
 ) -> CellBatch:
     """Flat cells (CSR-like) -> CellBatch, as `tokenize_cell` + `mask_values` per cell with the
-    generator `cell_generator(seed, epoch, cell_index[i])`, then padding to the longest cell."""
+    generator `cell_generator(seed, epoch, cell_index[i])`, then padding to the longest cell.
+
+    With `unexpressed_ratio`, cell i also gets unexpressed genes drawn from `pools[i]` after its
+    real tokens: hidden, in the loss, value 0 (see `CorpusDataset`)."""
     n = len(cell_index)
     lens = np.diff(indptr)  # (n,)
     totals = np.add.reduceat(counts, indptr[:-1], dtype=np.float64) if len(counts) else np.zeros(n)
     totals[lens == 0] = 0.0  # reduceat quirk: an empty cell would get its neighbour's value
     is_long = lens > max_genes
     out_lens = np.minimum(lens, max_genes)
-    L = int(out_lens.max()) if n else 0
+    n_off = np.zeros(n, np.int64)  # unexpressed genes added per cell (loss positions x ratio)
+    if mask and unexpressed_ratio:
+        n_off = np.round(unexpressed_ratio * (mask_ratio * out_lens).astype(np.int64)).astype(np.int64)
+    L = int((out_lens + n_off).max()) if n else 0
     token_mask = np.arange(L)[None, :] < out_lens[:, None]  # (B, L)
     ids_t = np.zeros((n, L), np.int64)  # (B, L)
     cnt_t = np.zeros((n, L), np.int32)  # (B, L) integer scaled counts (<= 1e5)
@@ -307,6 +344,13 @@ def tokenize_batch(
             h, lo = mask_values(int(out_lens[i]), rng, mask_ratio=mask_ratio, hide_fraction=hide_fraction)
             hidden[i, : out_lens[i]] = h
             loss[i, : out_lens[i]] = lo
+        if n_off[i]:
+            off = unexpressed_sample(pools[i], ids_t[i, : out_lens[i]], int(n_off[i]), rng)
+            end = out_lens[i] + len(off)
+            ids_t[i, out_lens[i] : end] = off
+            token_mask[i, out_lens[i] : end] = True
+            hidden[i, out_lens[i] : end] = True
+            loss[i, out_lens[i] : end] = True
     return CellBatch(
         gene_ids=torch.from_numpy(ids_t),
         values=torch.from_numpy(val_t),

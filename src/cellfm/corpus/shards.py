@@ -232,6 +232,13 @@ class ShardReader:
         counts = np.concatenate(cnts)
         return indptr, gene_ids, counts
 
+    def expressed_genes(self) -> np.ndarray:
+        """Sorted gene ids expressed in at least one cell of the shard (one pass over its ids)."""
+        seen = np.zeros(np.iinfo(GENE_ID_DTYPE).max + 1, bool)
+        for ids in self._ids:
+            seen[ids] = True
+        return np.flatnonzero(seen[1:]) + 1  # id 0 is padding
+
     def column(self, name: str) -> pa.ChunkedArray:
         """A whole metadata column (small: one value per cell)."""
         return pa.chunked_array([self._reader.get_batch(i).column(name)

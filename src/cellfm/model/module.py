@@ -6,6 +6,7 @@
 
 With `config.st_tokens` and library-size features `st_feat` (B, 2), two ST tokens follow CLS,
 [CLS, ST, ST] + tokens (B, L+3, D), as in the authors' FinetuneModel (st_tokens.py).
+`cell_embedding` is the inference-only path for the CLS output alone (CLS-only last layer).
 """
 
 from __future__ import annotations
@@ -82,6 +83,40 @@ class CellFMModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the last layer's states (B, P+L, D), P = 1 (CLS) or 3 (CLS, ST, ST) leading
         tokens, and gene_emb (B, L, D)."""
+        x, gene_emb, key_masks, len_scale = self._tokens(gene_ids, values, token_mask, hidden_mask, st_feat)
+        for layer, key_mask in zip(self.encoder, key_masks, strict=True):
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, key_mask, len_scale, use_reentrant=False
+                )
+            else:
+                x = layer(x, key_mask, len_scale)
+        return x, gene_emb
+
+    @torch.inference_mode()
+    def cell_embedding(
+        self, gene_ids: torch.Tensor, values: torch.Tensor, token_mask: torch.Tensor,
+        st_feat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Inference-only cell embeddings (B, D): `encode(...)[0][:, 0]` with less work. The last
+        layer computes keys and values for every token but everything else for the CLS row only
+        (~1.6x fewer FLOPs for the 2-layer 80M model)."""
+        x, _, key_masks, len_scale = self._tokens(gene_ids, values, token_mask, st_feat=st_feat)
+        *layers, last = self.encoder
+        for layer, key_mask in zip(layers, key_masks, strict=False):
+            x = layer(x, key_mask, len_scale)  # (B, T, D)
+        return last.forward_first_row(x, key_masks[-1], len_scale)[:, 0]  # (B, D)
+
+    def _tokens(
+        self,
+        gene_ids: torch.Tensor,
+        values: torch.Tensor,
+        token_mask: torch.Tensor,
+        hidden_mask: torch.Tensor | None = None,
+        st_feat: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Encoder input (B, T=P+L, D) with CLS (and ST) first, gene_emb (B, L, D), each layer's key
+        mask (B, T) and the V length scale (B,)."""
         B, L = gene_ids.shape
         c = self.config
         gene_emb = self.gene_emb[gene_ids]  # (B, L, D)
@@ -108,15 +143,8 @@ class CellFMModule(nn.Module):
         # retention output, so these variants give the same outputs and gradients.
         len_scale = torch.rsqrt(tokens.sum(1).clamp_min(1.0))  # (B,)
         first_keys = torch.cat([ones, visible], dim=1)
-        for i, layer in enumerate(self.encoder):
-            key_mask = first_keys if i < c.n_layers // 2 else keep
-            if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(
-                    layer, x, key_mask, len_scale, use_reentrant=False
-                )
-            else:
-                x = layer(x, key_mask, len_scale)
-        return x, gene_emb
+        key_masks = [first_keys if i < c.n_layers // 2 else keep for i in range(c.n_layers)]
+        return x, gene_emb, key_masks, len_scale
 
     def forward(
         self,

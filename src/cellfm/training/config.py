@@ -66,6 +66,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes per training process
     threads: int | None = None  # torch.set_num_threads for CPU runs
     mix_shards: int = 16  # cells of this many corpus shards are shuffled together (1: a shard at a time)
+    # not official (0 = off): hidden value-0 targets for genes a cell does not express, this many per
+    # loss position (see CorpusDataset); makes "which genes are on" a target, i.e. cell identity
+    unexpressed_ratio: float = 0.0
     cellwise_weight: float = 1.0  # weight of the cell-wise (CLS) decoder's loss terms; official 1
     # cell-identity probe: labelled .h5ad files (raw counts) whose CLS embeddings are scored by kNN and
     # linear-probe accuracy at step 0 and at every evaluation; probe_label_key: one obs column for
@@ -94,6 +97,8 @@ class TrainConfig:
                              f"{len(self.probe_files)} probe_files: give one key, or one per file")
         if self.mix_shards < 1:
             raise ValueError(f"mix_shards must be >= 1, got {self.mix_shards}")
+        if self.unexpressed_ratio < 0:
+            raise ValueError(f"unexpressed_ratio must be >= 0, got {self.unexpressed_ratio}")
         if self.cellwise_weight < 0:
             raise ValueError(f"cellwise_weight must be >= 0, got {self.cellwise_weight}")
         self.model_config()  # fail now on a bad preset or override, not after the corpus loads

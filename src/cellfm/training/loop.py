@@ -128,7 +128,8 @@ def pretrain(cfg: TrainConfig) -> Path:
     dataset = CorpusDataset(cfg.corpus_dir, seed=cfg.seed, epoch=0, rank=env.rank, world_size=env.world_size,
                             batch_size=cfg.batch_size, max_genes=mc.max_genes, mask_ratio=mc.mask_ratio,
                             hide_fraction=mc.hide_fraction, split="train" if cfg.val_fraction else "all",
-                            val_fraction=cfg.val_fraction, mix_shards=cfg.mix_shards)
+                            val_fraction=cfg.val_fraction, mix_shards=cfg.mix_shards,
+                            unexpressed_ratio=cfg.unexpressed_ratio)
     if dataset.batches_per_rank == 0:
         raise ValueError(f"corpus {cfg.corpus_dir} has {dataset.n_cells} training cells: too few for "
                          f"batch_size={cfg.batch_size} x {env.world_size} processes; lower batch_size")
