@@ -84,7 +84,12 @@ def annotate_fit(
     output: Annotated[Path, typer.Option("-o", "--output", help="Folder for the fitted annotator.")],
     model: ModelOpt = "cellfm-mini",
     mode: Annotated[str, typer.Option(help="frozen, lora or full.")] = "frozen",
-    max_epochs: Annotated[int | None, typer.Option(help="Default 100 (frozen) or 10.")] = None,
+    head: Annotated[
+        str, typer.Option(help="official (type queries over the gene tokens) or cls_mlp (CLS only, cheaper).")
+    ] = "official",
+    max_epochs: Annotated[
+        int | None, typer.Option(help="Default: 20 (official head) / 100 (cls_mlp) if frozen, else 10.")
+    ] = None,
     batch_size: int = 32,
     lora_rank: int = 8,
     min_cells_per_class: int = 5,
@@ -97,6 +102,8 @@ def annotate_fit(
     _threads(threads)
     if mode not in ("frozen", "lora", "full"):
         _fail(f"--mode must be frozen, lora or full, not {mode!r}", 2)
+    if head not in ("official", "cls_mlp"):
+        _fail(f"--head must be official or cls_mlp, not {head!r}", 2)
     if output.exists() and any(output.iterdir()) and not overwrite:
         _fail(f"{output} is not empty; pass --overwrite to replace it", 2)
     adata = _read(reference)
@@ -107,6 +114,7 @@ def annotate_fit(
             label_key,
             model=cfm,
             mode=mode,
+            head=head,
             max_epochs=max_epochs,
             batch_size=batch_size,
             lora_rank=lora_rank,
@@ -117,10 +125,13 @@ def annotate_fit(
     if not model.startswith("preset:"):
         ann.encoder_source = model if mode == "frozen" else None
     ann.save(output, overwrite=True)
+    kept = ann.stops[-1]
+    scores = next(h for h in ann.history if h["phase"] == kept["phase"] and h["epoch"] == kept["best_epoch"])
     typer.echo(
-        f"annotator with {len(ann.classes)} classes ({mode}) written to {output}; "
-        f"temperature {ann.temperature:.2f}, best val loss "
-        f"{min(h['val_loss'] for h in ann.history):.4f} after {len(ann.history)} epochs"
+        "\n".join(f"{s['phase']}: {s['reason']}" for s in ann.stops)
+        + f"\nannotator with {len(ann.classes)} classes ({mode}, {head} head) written to {output}; "
+        f"val accuracy {scores['val_acc']:.3f}, temperature {ann.temperature:.2f}; the open-set cut-offs "
+        f"reject {ann.open_set.reference_rejected:.1%} of held-out reference cells"
     )
 
 
@@ -130,7 +141,7 @@ def annotate_predict(
     model: Annotated[Path, typer.Option("--model", help="Folder written by `cellfm annotate fit`.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Output .h5ad with obs['cellfm_label'].")],
     threshold: Annotated[
-        float | None, typer.Option(help="Min calibrated confidence (else 'unknown').")
+        float | None, typer.Option(help="Min confidence (else 'unknown'); default: calibrated at fit.")
     ] = None,
     open_set: Annotated[bool, typer.Option(help="Label cells unlike the reference 'unknown'.")] = True,
     threads: ThreadsOpt = None,
@@ -150,9 +161,12 @@ def annotate_predict(
         ann.predict(adata, threshold=threshold, open_set=open_set)
     except (KeyError, ValueError) as err:
         _fail(str(err).strip('"'))
-    adata.write_h5ad(output)
+    tmp = output.with_name(output.name + ".tmp")
+    adata.write_h5ad(tmp)
+    tmp.replace(output)  # atomic: a crash never leaves a half-written output
     counts = adata.obs["cellfm_label"].value_counts()
-    typer.echo(f"{adata.n_obs} cells labelled -> {output}\n" + counts.to_string())
+    share = adata.uns["cellfm_annotation"]["rejected_fraction"]
+    typer.echo(f"{adata.n_obs} cells labelled ({share:.1%} unknown) -> {output}\n" + counts.to_string())
 
 
 def integrate(

@@ -2,7 +2,8 @@
 
 One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation`,
 `gene_function`, `gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
-`integration_metrics`, `benchmark_data`, `gene_labels`, `annotation_head`, `report_plots`.
+`integration_metrics`, `benchmark_data`, `gene_labels`, `report_plots`; the annotator's parts live in
+`annotation_*` modules (cache, data, training, open set, io, eval, the CLS-MLP head).
 Imports are lazy so that `import cellfm.tasks` stays cheap.
 """
 
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 _EXPORTS = {
     "CellTypeAnnotator": "cellfm.tasks.annotation",
-    "evaluate_annotation": "cellfm.tasks.annotation",
+    "evaluate_annotation": "cellfm.tasks.annotation_eval",
     "build_pbmc_batches": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",
     "integration_scores": "cellfm.tasks.integration_metrics",

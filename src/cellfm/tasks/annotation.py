@@ -1,26 +1,25 @@
-"""Cell type annotation: a classifier on CellFM cell embeddings, with calibration and open-set
-rejection.
+"""Cell type annotation: `CellTypeAnnotator`, the user object (scvi-tools style).
 
-`CellTypeAnnotator` is the user object (scvi-tools style): `fit` on a labelled reference,
-`predict` on a query (writes `obs["cellfm_label"]`, `obs["cellfm_confidence"]`), `save`/`load`.
-Three training modes, as in the official CellAnnotation tutorial:
-- "frozen": the encoder is fixed; CLS embeddings are computed once and only the head trains.
-- "lora": LoRA adapters (rank `lora_rank`) in every encoder projection + the head; the base weights
-  stay frozen (the official `freeze_module(..., ["lora"])`).
+`fit` on a labelled reference, `predict` on a query (writes `obs["cellfm_label"]`,
+`obs["cellfm_confidence"]`, and the rejected share in `uns["cellfm_annotation"]`), `save`/`load`.
+
+Heads (`head=`):
+- "official" (default): the authors' annotation network (`cellfm.model.cell_type_head.CellTypeHead`): learned
+  type embeddings cross-attend over the encoder's gene tokens; both losses summed.
+- "cls_mlp": a residual MLP on the CLS vector against learned type embeddings (cheaper).
+Modes, as in the official CellAnnotation tutorial:
+- "frozen": the encoder is fixed; its outputs are computed once (`TokenStates`) and the head trains
+  on them.
+- "lora": LoRA adapters (rank `lora_rank`) in every encoder projection + the head.
 - "full": every encoder parameter trains with the head.
-Recipe after the tutorial: Adam, weight decay 1e-5, encoder lr 1e-4, class-weighted cross-entropy;
-here with a validation split, early stopping on validation loss and temperature scaling on it.
-
-Open set: a query cell is "unknown" when its calibrated confidence is below `threshold`, or when its
-embedding is farther from the nearest reference class centroid than 99 % of reference cells are.
+LoRA / full first train the head on the frozen encoder (linear-probe-then-fine-tune) and keep that
+state unless joint training lowers the validation loss. Then temperature scaling and the open-set
+rule are calibrated on the validation cells (`annotation_open_set`).
 """
 
 from __future__ import annotations
 
-import copy
-import json
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -29,8 +28,23 @@ import pandas as pd
 import torch
 from torch import nn
 
+from cellfm.tasks.annotation_cache import TokenStates
+from cellfm.tasks.annotation_data import (
+    checked_labels,
+    matched_genes,
+    stratified_split,
+    token_batches,
+    trainable_copy,
+)
 from cellfm.tasks.annotation_head import AnnotationHead, fit_temperature
-from cellfm.tasks.benchmark_data import UNLABELLED
+from cellfm.tasks.annotation_io import new_head
+from cellfm.tasks.annotation_open_set import OpenSetRule, calibrate_open_set
+from cellfm.tasks.annotation_training import (
+    encoder_epoch_fn,
+    evaluate_cached,
+    frozen_epoch_fn,
+    train_with_early_stopping,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -39,6 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 Mode = Literal["frozen", "lora", "full"]
+Head = Literal["official", "cls_mlp"]
 UNKNOWN = "unknown"
 
 
@@ -48,24 +63,27 @@ class CellTypeAnnotator:
     Examples
     --------
     >>> ann = CellTypeAnnotator().fit(ref, "cell_type", model=cellfm.load("cellfm-mini"))
-    >>> ann.predict(query)                 # query.obs["cellfm_label"], ["cellfm_confidence"]
+    >>> ann.history[-1]                    # per-epoch train/val loss and accuracy
+    >>> ann.predict(query)                 # query.obs["cellfm_label"], uns["cellfm_annotation"]
     >>> ann.save("annotator/"); ann = CellTypeAnnotator.load("annotator/")
     """
 
     def __init__(self) -> None:
         self.encoder: CellFM | None = None
         self.encoder_source: str | None = None  # name/path of an unchanged (frozen) encoder
-        self.head: AnnotationHead | None = None
+        self.head: nn.Module | None = None
+        self.head_type: Head = "official"
         self.classes: list[str] = []
         self.settings: dict = {}
         self.temperature = 1.0
-        self.threshold = 0.5
-        self.centroids: np.ndarray | None = None  # (C, D) in standardised embedding space
-        self.emb_mean: np.ndarray | None = None
-        self.emb_std: np.ndarray | None = None
-        self.distance_cutoff = float("inf")
+        self.open_set: OpenSetRule | None = None
         self.reference_genes: list[str] = []
-        self.history: list[dict] = []
+        self.history: list[dict] = []  # one dict per epoch: phase, epoch, train/val loss and accuracy
+        self.stops: list[dict] = []  # per training phase: how many epochs, why it stopped, best epoch
+
+    @property
+    def threshold(self) -> float:
+        return self.open_set.threshold if self.open_set is not None else float("nan")
 
     # ---- training -----------------------------------------------------------------------
     def fit(
@@ -75,16 +93,18 @@ class CellTypeAnnotator:
         *,
         model: CellFM | str | Path = "cellfm-mini",
         mode: Mode = "frozen",
+        head: Head = "official",
         val_fraction: float = 0.1,
         max_epochs: int | None = None,
         patience: int = 5,
         batch_size: int = 32,
-        lr: float | None = None,
+        lr: float = 1e-4,
         head_lr: float = 1e-3,
         lora_rank: int = 8,
         class_weights: bool = True,
         min_cells_per_class: int = 5,
         threshold: float = 0.5,
+        max_rejected: float = 0.05,
         device: str | torch.device | None = "cpu",
         seed: int = 0,
         progress: bool = True,
@@ -92,15 +112,22 @@ class CellTypeAnnotator:
         """Train on the labelled cells of `adata` (raw counts in X) with labels in `obs[label_key]`.
 
         Classes with fewer than `min_cells_per_class` cells are dropped with a warning; cells
-        labelled "?", "unknown" or empty are ignored. `max_epochs` defaults to 100 (frozen) or 10.
+        labelled "?", "unknown" or empty are ignored. `max_epochs` of the head on the frozen
+        encoder defaults to 20 ("official") or 100 ("cls_mlp"); of joint training (lora/full) to 10.
+        `threshold` (min confidence) and the centroid-distance cut-off are calibrated so that at
+        most `max_rejected` of the held-out reference cells would be called unknown.
         """
         from cellfm.embedding import resolve_device, resolve_model
 
         if mode not in ("frozen", "lora", "full"):
             raise ValueError(f"mode must be 'frozen', 'lora' or 'full', not {mode!r}")
+        if head not in ("official", "cls_mlp"):
+            raise ValueError(f"head must be 'official' or 'cls_mlp', not {head!r}")
         if not 0 < val_fraction < 0.5:
             raise ValueError(f"val_fraction must be in (0, 0.5), got {val_fraction}")
-        labels = _checked_labels(adata, label_key, min_cells_per_class)
+        if not 0 <= max_rejected < 1:
+            raise ValueError(f"max_rejected must be in [0, 1), got {max_rejected}")
+        labels = checked_labels(adata, label_key, min_cells_per_class)
         keep = labels.notna().to_numpy()
         ref = adata[keep].copy() if not keep.all() else adata
         y_str = labels[keep].astype(str).to_numpy()
@@ -111,13 +138,14 @@ class CellTypeAnnotator:
         dev = resolve_device(device)
         base = resolve_model(model)
         self.encoder_source = str(model) if not _is_model_object(model) and mode == "frozen" else None
-        self.reference_genes = _matched_genes(ref, base)
-        max_epochs = max_epochs if max_epochs is not None else (100 if mode == "frozen" else 10)
-        lr = lr if lr is not None else 1e-4
-        self.threshold = threshold
+        self.reference_genes = matched_genes(ref, base)
+        head_epochs = 20 if head == "official" else 100
+        max_epochs = max_epochs if max_epochs is not None else (head_epochs if mode == "frozen" else 10)
+        self.head_type = head
         self.settings = dict(
             label_key=label_key,
             mode=mode,
+            head=head,
             val_fraction=val_fraction,
             max_epochs=max_epochs,
             patience=patience,
@@ -127,189 +155,96 @@ class CellTypeAnnotator:
             lora_rank=lora_rank if mode == "lora" else 0,
             class_weights=class_weights,
             min_cells_per_class=min_cells_per_class,
+            max_rejected=max_rejected,
             seed=seed,
         )
+        self.history, self.stops = [], []
 
-        train_idx, val_idx = _stratified_split(y, val_fraction, seed)
+        train_idx, val_idx = stratified_split(y, val_fraction, seed)
         counts = np.bincount(y[train_idx], minlength=n_cls)
         weight = torch.tensor(len(train_idx) / (n_cls * np.maximum(counts, 1)), dtype=torch.float32)
-        loss_fn = nn.CrossEntropyLoss(weight=weight.to(dev) if class_weights else None)
+        weight = weight if class_weights else None
         torch.manual_seed(seed)
-        self.head = AnnotationHead(base.config.d_model, n_cls).to(dev)
+        self.head = new_head(head, base.config, n_cls).to(dev)
 
-        emb = _embed(ref, base, dev, progress)
-        self.head.set_input_scale(torch.from_numpy(emb[train_idx]).to(dev))
-        if mode == "frozen":
-            self.encoder = base
-            self._train_frozen(
-                emb,
-                y,
-                train_idx,
-                val_idx,
-                loss_fn,
-                max_epochs,
-                patience,
-                batch_size,
-                head_lr,
-                dev,
-                seed,
-                progress,
+        cache = TokenStates.compute(
+            ref, base, dev, keep_tokens=head == "official", progress=progress, seed=seed
+        )
+        if isinstance(self.head, AnnotationHead):
+            self.head.set_input_scale(torch.from_numpy(cache.cls[train_idx]).to(dev))
+        frozen_epochs = max_epochs if mode == "frozen" else head_epochs
+        # the CLS-only head is cheap per cell: larger batches settle faster
+        head_bs = batch_size if head == "official" else max(batch_size, 64)
+        epoch = frozen_epoch_fn(self.head, cache, y, train_idx, val_idx, weight, head_lr, head_bs, dev, seed)
+        with _threads_for(head):
+            self.stops.append(
+                train_with_early_stopping(
+                    epoch,
+                    [self.head],
+                    max_epochs=frozen_epochs,
+                    patience=patience,
+                    phase="head (frozen encoder)",
+                    history=self.history,
+                    progress=progress,
+                )
             )
-        else:
-            self.encoder = _trainable_copy(base, mode, lora_rank)
-            # linear-probe-then-fine-tune (Kumar et al. 2022): a head fitted on the frozen
-            # embeddings first, so early encoder updates follow a sensible head instead of a random
-            # one; the fine-tuning below keeps this state unless it lowers the validation loss
-            self._train_frozen(
-                emb, y, train_idx, val_idx, loss_fn, 100, patience, batch_size, head_lr, dev, seed, progress
-            )
+        self.encoder = base
+        if mode != "frozen":
+            self.encoder = trainable_copy(base, mode, lora_rank)
             self._train_encoder(
-                ref,
-                y,
-                train_idx,
-                val_idx,
-                loss_fn,
-                max_epochs,
-                patience,
-                batch_size,
-                lr,
-                lr,  # the warm head moves at the encoder's pace (the official recipe: one lr)
-                dev,
-                seed,
-                progress,
+                ref, y, train_idx, val_idx, weight, max_epochs, patience, batch_size, lr, dev, seed, progress
             )
-            emb = _embed(ref, self.encoder, dev, progress)
+            cache = TokenStates.compute(
+                ref, self.encoder, dev, keep_tokens=head == "official", progress=progress, seed=seed
+            )
 
-        # calibration on the validation cells, open-set statistics on all reference cells
+        # calibration on the held-out (validation) cells
         self.head.cpu().eval()
-        with torch.no_grad():
-            val_logits = self.head(torch.from_numpy(emb[val_idx]))
-        self.temperature = fit_temperature(val_logits, torch.from_numpy(y[val_idx]))
-        self._fit_centroids(emb, y)
+        yv = torch.from_numpy(y[val_idx]).long()
+        val_logits = evaluate_cached(self.head, cache, val_idx, None, None, torch.device("cpu"))[0]
+        self.temperature = fit_temperature(val_logits, yv)
+        conf_val = torch.softmax(val_logits / self.temperature, -1).max(1).values.numpy()
+        self.open_set = calibrate_open_set(
+            cache.cls[train_idx], y[train_idx], n_cls, cache.cls[val_idx], conf_val, threshold, max_rejected
+        )
+        log.info(
+            "annotate: open-set cut-offs reject %.1f%% of held-out reference cells (confidence < %.3f or "
+            "centroid distance > %.3f)",
+            100 * self.open_set.reference_rejected,
+            self.open_set.threshold,
+            self.open_set.distance_cutoff,
+        )
         return self
 
-    def _train_frozen(
-        self, emb, y, train_idx, val_idx, loss_fn, max_epochs, patience, batch_size, lr, dev, seed, progress
-    ) -> None:
-        X = torch.from_numpy(emb).to(dev)
-        Y = torch.from_numpy(y).long().to(dev)
-        opt = torch.optim.AdamW(self.head.parameters(), lr=lr, weight_decay=1e-4)
-        gen = torch.Generator().manual_seed(seed)
-        bs = max(batch_size, 64)  # the head alone is cheap; larger batches settle faster
-
-        def epoch() -> float:
-            self.head.train()
-            order = torch.from_numpy(train_idx)[torch.randperm(len(train_idx), generator=gen)]
-            for a in range(0, len(order), bs):
-                rows = order[a : a + bs].to(dev)
-                opt.zero_grad()
-                loss_fn(self.head(X[rows]), Y[rows]).backward()
-                opt.step()
-            self.head.eval()
-            with torch.no_grad():
-                v = torch.from_numpy(val_idx).to(dev)
-                return float(loss_fn(self.head(X[v]), Y[v]))
-
-        with _single_thread():  # tiny matmuls: OpenMP hand-offs cost more than they save
-            self._early_stopping(epoch, [self.head], max_epochs, patience, progress)
-
     def _train_encoder(
-        self,
-        ref,
-        y,
-        train_idx,
-        val_idx,
-        loss_fn,
-        max_epochs,
-        patience,
-        batch_size,
-        lr,
-        head_lr,
-        dev,
-        seed,
-        progress,
+        self, ref, y, train_idx, val_idx, weight, max_epochs, patience, batch_size, lr, dev, seed, progress
     ) -> None:
         module = self.encoder.module.to(dev)
-        enc_params = [p for p in module.parameters() if p.requires_grad]
-        opt = torch.optim.Adam(
-            [
-                {"params": enc_params, "lr": lr, "weight_decay": 1e-5},
-                {"params": self.head.parameters(), "lr": head_lr, "weight_decay": 1e-5},
-            ]
-        )
-        train_batches = _token_batches(ref[train_idx].copy(), self.encoder, batch_size, seed)
-        val_batches = _token_batches(ref[val_idx].copy(), self.encoder, batch_size, seed)
+        self.head.to(dev)
+        train_batches = token_batches(ref[train_idx].copy(), self.encoder, batch_size, seed)
+        val_batches = token_batches(ref[val_idx].copy(), self.encoder, batch_size, seed)
         y_train, y_val = torch.from_numpy(y[train_idx]).long(), torch.from_numpy(y[val_idx]).long()
-        rng = np.random.default_rng(seed)
-
-        def logits_of(batch):
-            states, _ = module.encode(batch.gene_ids, batch.values, batch.token_mask)
-            return self.head(states[:, 0])  # CLS (B, D) -> (B, C)
-
-        def epoch() -> float:
-            module.train()
-            self.head.train()
-            for i in rng.permutation(len(train_batches)):
-                b = train_batches[i].to(dev)
-                opt.zero_grad()
-                loss_fn(logits_of(b), y_train[b.cell_index.cpu()].to(dev)).backward()
-                opt.step()
-            return val_loss()
-
-        def val_loss() -> float:
-            module.eval()
-            self.head.eval()
-            total, n = 0.0, 0
-            with torch.no_grad():
-                for b in val_batches:
-                    b = b.to(dev)
-                    total += float(loss_fn(logits_of(b), y_val[b.cell_index.cpu()].to(dev))) * len(b)
-                    n += len(b)
-            return total / max(n, 1)
-
-        self._early_stopping(epoch, [self.head, module], max_epochs, patience, progress, initial=val_loss)
+        # the warm head moves at the encoder's pace (official recipe: one learning rate)
+        epoch, validate = encoder_epoch_fn(
+            module, self.head, train_batches, val_batches, y_train, y_val, weight, lr, lr, dev, seed
+        )
+        self.stops.append(
+            train_with_early_stopping(
+                epoch,
+                [self.head, module],
+                max_epochs=max_epochs,
+                patience=patience,
+                phase=f"{self.settings['mode']} fine-tune",
+                history=self.history,
+                progress=progress,
+                initial=validate,
+            )
+        )
         module.cpu().eval()
         if self.encoder.config.lora_rank:
             module.merge_lora()  # same outputs, plain linear cost, plain checkpoint keys
             self.encoder.config = self.encoder.config.replace(lora_rank=0)
             module.config = self.encoder.config
-
-    def _early_stopping(
-        self, epoch_fn, modules: list[nn.Module], max_epochs: int, patience: int, progress: bool, initial=None
-    ) -> None:
-        """Run epochs until the validation loss stops improving; keep the best state (which, with
-        `initial`, may be the state before the first epoch)."""
-        from tqdm.auto import trange
-
-        best, best_state, waited = float("inf"), None, 0
-        if initial is not None:
-            best = initial()
-            best_state = [copy.deepcopy(m.state_dict()) for m in modules]
-            self.history.append({"epoch": 0, "val_loss": best, "phase": "fine-tune start"})
-        else:
-            self.history = []
-        bar = trange(max_epochs, desc=f"annotate fit ({self.settings['mode']})", disable=not progress)
-        for ep in bar:
-            val_loss = epoch_fn()
-            self.history.append({"epoch": ep + 1, "val_loss": val_loss})
-            bar.set_postfix(val_loss=f"{val_loss:.4f}")
-            if val_loss < best - 1e-4:
-                best, waited = val_loss, 0
-                best_state = [copy.deepcopy(m.state_dict()) for m in modules]
-            else:
-                waited += 1
-                if waited >= patience:
-                    break
-        bar.close()
-        if best_state is not None:
-            for m, s in zip(modules, best_state, strict=True):
-                m.load_state_dict(s)
-
-    def _fit_centroids(self, emb: np.ndarray, y: np.ndarray) -> None:
-        self.emb_mean, self.emb_std = emb.mean(0), emb.std(0) + 1e-6
-        z = (emb - self.emb_mean) / self.emb_std
-        self.centroids = np.stack([z[y == c].mean(0) for c in range(len(self.classes))])
-        self.distance_cutoff = float(np.quantile(_nearest_distance(z, self.centroids), 0.99))
 
     # ---- inference ----------------------------------------------------------------------
     def predict(
@@ -325,16 +260,52 @@ class CellTypeAnnotator:
 
         Writes `obs["cellfm_label"]` (a reference type or "unknown"), `obs["cellfm_confidence"]`
         (calibrated max probability), `obs["cellfm_label_closed_set"]` (the most likely type, never
-        "unknown") and `obs["cellfm_centroid_distance"]` (distance to the nearest type centroid
-        divided by the reference's 99th percentile; > 1 means unlike the reference).
+        "unknown"), `obs["cellfm_centroid_distance"]` (distance to the nearest type centroid over
+        the calibrated cut-off; > 1 means unlike the reference) and `uns["cellfm_annotation"]`
+        (the rejected share of the query and the cut-offs used). `threshold` overrides the
+        calibrated confidence threshold.
         """
+        probs, emb = self._probabilities(adata, device, progress)
+        rule = self.open_set
+        threshold = rule.threshold if threshold is None else float(threshold)
+        best, conf = probs.argmax(1), probs.max(1)
+        dist = rule.distance(emb)
+        closed = np.asarray(self.classes, dtype=object)[best]
+        label = closed.copy()
+        rejected = ((conf < threshold) | (dist > 1.0)) if open_set else np.zeros(len(label), bool)
+        label[rejected] = UNKNOWN
+        adata.obs["cellfm_label"] = pd.Categorical(label, categories=[*self.classes, UNKNOWN])
+        adata.obs["cellfm_label_closed_set"] = pd.Categorical(closed, categories=self.classes)
+        adata.obs["cellfm_confidence"] = conf.astype(np.float32)
+        adata.obs["cellfm_centroid_distance"] = dist.astype(np.float32)
+        adata.uns["cellfm_annotation"] = {
+            "rejected_fraction": float(rejected.mean()),
+            "n_rejected": int(rejected.sum()),
+            "rejected_low_confidence": int((open_set & (conf < threshold)).sum()),
+            "rejected_far_from_reference": int((open_set & (dist > 1.0)).sum()),
+            "open_set": bool(open_set),
+            "threshold": threshold,
+            "distance_cutoff": rule.distance_cutoff,
+            "reference_rejected_fraction": rule.reference_rejected,
+            "head": self.head_type,
+            "mode": self.settings.get("mode", ""),
+        }
+
+    def predict_proba(self, adata: ad.AnnData, device: str | torch.device | None = "cpu") -> pd.DataFrame:
+        """Calibrated class probabilities (n_cells, n_classes) as a DataFrame."""
+        return pd.DataFrame(
+            self._probabilities(adata, device, False)[0], index=adata.obs_names, columns=self.classes
+        )
+
+    def _probabilities(self, adata, device, progress) -> tuple[np.ndarray, np.ndarray]:
+        """Calibrated probabilities (N, C) and CLS embeddings (N, D) of the cells of `adata`."""
+        import warnings
+
         from cellfm.embedding import resolve_device
 
         if self.head is None or self.encoder is None:
             raise RuntimeError("this CellTypeAnnotator is not fitted: call fit() or CellTypeAnnotator.load()")
-        threshold = self.threshold if threshold is None else threshold
-        genes = set(_matched_genes(adata, self.encoder))
-        shared = len(genes & set(self.reference_genes))
+        shared = len(set(matched_genes(adata, self.encoder)) & set(self.reference_genes))
         if shared == 0:
             raise ValueError(
                 f"none of the {len(self.reference_genes)} reference genes is in the query "
@@ -343,205 +314,55 @@ class CellTypeAnnotator:
             )
         if shared < 0.5 * len(self.reference_genes):
             warnings.warn(
-                f"the query shares only {shared} of the {len(self.reference_genes)} reference "
-                "genes; predictions may be unreliable",
-                stacklevel=2,
+                f"the query shares only {shared} of the {len(self.reference_genes)} reference genes; "
+                "predictions may be unreliable",
+                stacklevel=3,
             )
-        emb = _embed(adata, self.encoder, resolve_device(device), progress)
-        with torch.no_grad():
-            self.head.eval()
-            probs = torch.softmax(self.head(torch.from_numpy(emb)) / self.temperature, -1).numpy()
-        best = probs.argmax(1)
-        conf = probs.max(1)
-        dist = _nearest_distance((emb - self.emb_mean) / self.emb_std, self.centroids) / self.distance_cutoff
-        closed = np.asarray(self.classes, dtype=object)[best]
-        label = closed.copy()
-        if open_set:
-            label[(conf < threshold) | (dist > 1.0)] = UNKNOWN
-        cats = [*self.classes, UNKNOWN]
-        adata.obs["cellfm_label"] = pd.Categorical(label, categories=cats)
-        adata.obs["cellfm_label_closed_set"] = pd.Categorical(closed, categories=self.classes)
-        adata.obs["cellfm_confidence"] = conf.astype(np.float32)
-        adata.obs["cellfm_centroid_distance"] = dist.astype(np.float32)
-
-    def predict_proba(self, adata: ad.AnnData, device: str | torch.device | None = "cpu") -> pd.DataFrame:
-        """Calibrated class probabilities (n_cells, n_classes) as a DataFrame."""
-        from cellfm.embedding import resolve_device
-
-        emb = _embed(adata, self.encoder, resolve_device(device), False)
-        with torch.no_grad():
-            p = torch.softmax(self.head(torch.from_numpy(emb)) / self.temperature, -1).numpy()
-        return pd.DataFrame(p, index=adata.obs_names, columns=self.classes)
+        dev = resolve_device(device)
+        cache = TokenStates.compute(
+            adata,
+            self.encoder,
+            dev,
+            keep_tokens=self.head_type == "official",
+            progress=progress,
+            seed=self.settings.get("seed", 0),
+        )
+        self.head.to(dev)
+        logits = evaluate_cached(self.head, cache, np.arange(adata.n_obs), None, None, dev)[0]
+        self.head.cpu()
+        return torch.softmax(logits / self.temperature, -1).numpy(), cache.cls
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
         """Folder: `annotator.json`, `head.safetensors`, and `encoder/` (unless the encoder is an
         unchanged named model, then only its name is stored)."""
-        from safetensors.torch import save_file
+        from cellfm.tasks.annotation_io import save_annotator
 
-        if self.head is None:
-            raise RuntimeError("nothing to save: the annotator is not fitted")
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {
-            "format_version": 1,
-            "classes": self.classes,
-            "settings": self.settings,
-            "temperature": self.temperature,
-            "threshold": self.threshold,
-            "distance_cutoff": self.distance_cutoff,
-            "reference_genes": self.reference_genes,
-            "encoder_source": self.encoder_source,
-            "history": self.history,
-            "head": {"d_model": self.head.class_emb.shape[1], "hidden": self.head.mlp[0].out_features},
-        }
-        (path / "annotator.json").write_text(json.dumps(meta, indent=1) + "\n")
-        tensors = {f"head.{k}": v.contiguous() for k, v in self.head.state_dict().items()}
-        tensors.update(
-            centroids=torch.from_numpy(self.centroids),
-            emb_mean=torch.from_numpy(self.emb_mean),
-            emb_std=torch.from_numpy(self.emb_std),
-        )
-        save_file(tensors, str(path / "head.safetensors"))
-        if self.encoder_source is None:
-            self.encoder.save(path / "encoder", overwrite=True)
-        return path
+        return save_annotator(self, path, overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> CellTypeAnnotator:
-        from safetensors.torch import load_file
+        from cellfm.tasks.annotation_io import load_annotator
 
-        from cellfm.cellfm import CellFM, load
-
-        path = Path(path)
-        if not (path / "annotator.json").is_file():
-            raise FileNotFoundError(f"{path} is not a saved CellTypeAnnotator (annotator.json is missing)")
-        meta = json.loads((path / "annotator.json").read_text())
-        self = cls()
-        self.classes, self.settings = meta["classes"], meta["settings"]
-        self.temperature, self.threshold = meta["temperature"], meta["threshold"]
-        self.distance_cutoff, self.reference_genes = meta["distance_cutoff"], meta["reference_genes"]
-        self.encoder_source, self.history = meta["encoder_source"], meta.get("history", [])
-        t = load_file(str(path / "head.safetensors"))
-        self.head = AnnotationHead(meta["head"]["d_model"], len(self.classes), hidden=meta["head"]["hidden"])
-        self.head.load_state_dict({k[5:]: v for k, v in t.items() if k.startswith("head.")})
-        self.head.eval()
-        self.centroids, self.emb_mean, self.emb_std = (
-            t[k].numpy() for k in ("centroids", "emb_mean", "emb_std")
-        )
-        self.encoder = (
-            CellFM.load(path / "encoder") if self.encoder_source is None else load(self.encoder_source)
-        )
-        return self
+        return load_annotator(cls(), path)
 
 
 # ---- helpers ----------------------------------------------------------------------------
-def _checked_labels(adata: ad.AnnData, label_key: str, min_cells: int) -> pd.Series:
-    """Labels as strings, NaN where unlabelled or in a class too small to learn."""
-    if label_key not in adata.obs.columns:
-        raise KeyError(
-            f"label column {label_key!r} is not in adata.obs (columns: {list(adata.obs.columns)}); "
-            "pass --label-key / label_key= with the column holding cell types"
-        )
-    labels = adata.obs[label_key].astype(object)
-    labels = labels.where(labels.notna() & ~labels.astype(str).isin(UNLABELLED))
-    counts = labels.value_counts()
-    small = counts[counts < min_cells]
-    if len(small):
-        warnings.warn(
-            f"dropping {len(small)} classes with fewer than {min_cells} cells: "
-            f"{dict(small)} (lower min_cells_per_class to keep them)",
-            stacklevel=3,
-        )
-        labels = labels.where(~labels.isin(small.index))
-    n = labels.nunique()
-    if n < 2:
-        raise ValueError(
-            f"obs[{label_key!r}] has {n} class(es) with at least {min_cells} cells; "
-            "annotation needs at least 2"
-        )
-    return labels.astype(object)
+class _threads_for:
+    """One torch thread for the CLS-MLP head: its tiny matmuls lose more to OpenMP hand-offs
+    than they gain; the official head's token matmuls keep all threads."""
 
+    def __init__(self, head: Head) -> None:
+        self.single = head == "cls_mlp"
 
-def _stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.model_selection import train_test_split
-
-    n_cls = int(y.max()) + 1
-    n_val = max(n_cls, int(round(val_fraction * len(y))))
-    tr, va = train_test_split(np.arange(len(y)), test_size=n_val, stratify=y, random_state=seed)
-    return np.sort(tr), np.sort(va)
-
-
-def _matched_genes(adata: ad.AnnData, model: CellFM) -> list[str]:
-    from cellfm.vocab import map_genes
-
-    names = pd.Index(adata.var_names.astype(str))
-    ids = np.asarray(map_genes(names, model.vocab).token_ids)
-    genes = [model.vocab.genes[i - 1] for i in ids if i > 0]
-    if not genes:
-        raise ValueError(
-            f"none of the {len(names)} genes (e.g. {list(names[:5])}) matches the model "
-            f"vocabulary {model.vocab.name!r}; use human gene symbols or Ensembl ids"
-        )
-    return sorted(set(genes))
-
-
-def _embed(adata: ad.AnnData, model: CellFM, device: torch.device, progress: bool) -> np.ndarray:
-    from cellfm.embedding import embed
-
-    out = embed(adata, model, device=device, copy=True, progress=progress, empty="zero")
-    return np.asarray(out.obsm["X_cellfm"], dtype=np.float32)  # (N, D)
-
-
-def _token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int) -> list:
-    """Tokenize once; cell_index of each batch = row in `adata`."""
-    from cellfm.tokenizer import iter_token_batches
-    from cellfm.vocab import map_genes
-
-    mapping = map_genes(pd.Index(adata.var_names.astype(str)), model.vocab)
-    return list(
-        iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=model.config.max_genes, seed=seed)
-    )
-
-
-def _trainable_copy(base: CellFM, mode: str, lora_rank: int) -> CellFM:
-    """A copy of the encoder with the parameters of `mode` trainable (the base model is untouched)."""
-    from cellfm.cellfm import CellFM
-    from cellfm.model import CellFMModule
-
-    if mode == "full":
-        module = copy.deepcopy(base.module)
-        for p in module.parameters():
-            p.requires_grad_(True)
-        return CellFM(base.config, module, base.vocab)
-    if lora_rank < 1:
-        raise ValueError(f"mode='lora' needs lora_rank >= 1, got {lora_rank}")
-    config = base.config.replace(lora_rank=lora_rank)
-    module = CellFMModule(config)
-    missing, unexpected = module.load_state_dict(base.module.state_dict(), strict=False)
-    bad = [k for k in missing if "lora_" not in k] + list(unexpected)
-    if bad:
-        raise ValueError(f"base weights do not fit the LoRA model: {bad[:5]}")
-    for name, p in module.named_parameters():
-        p.requires_grad_("lora_" in name)
-    return CellFM(config, module, base.vocab)
-
-
-class _single_thread:
     def __enter__(self):
         self.n = torch.get_num_threads()
-        torch.set_num_threads(1)
+        if self.single:
+            torch.set_num_threads(1)
 
     def __exit__(self, *exc):
         torch.set_num_threads(self.n)
         return False
-
-
-def _nearest_distance(z: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    d = ((z[:, None, :] - centroids[None]) ** 2).sum(-1)  # (N, C)
-    return np.sqrt(d.min(1))
 
 
 def _is_model_object(model) -> bool:
@@ -550,58 +371,8 @@ def _is_model_object(model) -> bool:
     return isinstance(model, CellFM)
 
 
-def evaluate_annotation(
-    adata: ad.AnnData,
-    label_key: str,
-    model: CellFM | str | Path,
-    *,
-    mode: Mode = "frozen",
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    progress: bool = True,
-    **fit_kwargs,
-) -> dict:
-    """Stratified held-out split; CellFM annotator vs logistic regression on HVG+PCA and kNN on PCA.
+def evaluate_annotation(*args, **kwargs) -> dict:
+    """See `cellfm.tasks.annotation_eval.evaluate_annotation` (kept here for existing imports)."""
+    from cellfm.tasks.annotation_eval import evaluate_annotation as run
 
-    Returns a dict with a `table` (DataFrame: method, accuracy, macro_f1), the test labels and every
-    method's predictions (for a confusion matrix), and the annotator's rejection rate.
-    """
-    from sklearn.metrics import accuracy_score, f1_score
-    from sklearn.model_selection import train_test_split
-
-    from cellfm.tasks.baselines import pca_knn, pca_logistic_regression
-
-    labels = _checked_labels(adata, label_key, min_cells=fit_kwargs.get("min_cells_per_class", 5))
-    keep = np.flatnonzero(labels.notna().to_numpy())
-    y = labels.iloc[keep].astype(str).to_numpy()
-    tr, te = train_test_split(keep, test_size=test_fraction, stratify=y, random_state=seed)
-    tr, te = np.sort(tr), np.sort(te)
-    train, test = adata[tr].copy(), adata[te].copy()
-    y_tr, y_te = labels.iloc[tr].astype(str).to_numpy(), labels.iloc[te].astype(str).to_numpy()
-
-    ann = CellTypeAnnotator().fit(
-        train, label_key, model=model, mode=mode, seed=seed, progress=progress, **fit_kwargs
-    )
-    ann.predict(test, progress=progress)
-    preds = {
-        f"CellFM ({mode})": test.obs["cellfm_label_closed_set"].astype(str).to_numpy(),
-        "logreg HVG+PCA": pca_logistic_regression(train.X, y_tr, test.X, seed=seed),
-        "kNN PCA": pca_knn(train.X, y_tr, test.X, seed=seed),
-    }
-    rows = [
-        {"method": m, "accuracy": accuracy_score(y_te, p), "macro_f1": f1_score(y_te, p, average="macro")}
-        for m, p in preds.items()
-    ]
-    accepted = test.obs["cellfm_label"].astype(str).to_numpy() != UNKNOWN
-    return {
-        "table": pd.DataFrame(rows),
-        "y_true": y_te,
-        "predictions": preds,
-        "rejected_fraction": float(1 - accepted.mean()),
-        "accuracy_on_accepted": float((y_te[accepted] == preds[f"CellFM ({mode})"][accepted]).mean())
-        if accepted.any()
-        else float("nan"),
-        "temperature": ann.temperature,
-        "n_train": len(tr),
-        "n_test": len(te),
-    }
+    return run(*args, **kwargs)
