@@ -2,7 +2,8 @@
 
 One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation`,
 `gene_function`, `gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
-`integration_metrics`, `benchmark_data`, `gene_labels`, `annotation_head`, `report_plots`.
+`integration_metrics`, `integration_baselines`, `benchmark_data`, `gene_labels`, `annotation_head`,
+`report_plots`.
 Imports are lazy so that `import cellfm.tasks` stays cheap.
 """
 
@@ -13,7 +14,8 @@ _EXPORTS = {
     "evaluate_annotation": "cellfm.tasks.annotation",
     "build_pbmc_batches": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",
-    "integration_scores": "cellfm.tasks.integration_metrics",
+    "score_embeddings": "cellfm.tasks.integration_metrics",
+    "integration_baselines": "cellfm.tasks.integration_baselines",
     "perturbation_effects": "cellfm.tasks.perturbation",
     "evaluate_perturbation": "cellfm.tasks.perturbation",
     "evaluate_binary_tasks": "cellfm.tasks.gene_function",
