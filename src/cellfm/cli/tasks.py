@@ -193,8 +193,10 @@ def integrate(
     _write_tsv(r["table"], output / "integration_scores.tsv")
     _write_text(describe_run(r) + "\n", output / "integration_methods.txt")
     embedding_maps(r["embeddings"], adata.obs, ["coarse_type", "batch"], output / "integration_maps.png")
-    _print_table(r["table"], f"batch integration ({r['scorer']})")
-    typer.echo(describe_run(r))
+    from cellfm.tasks.integration_metrics import AGGREGATES
+
+    _print_table(r["table"][["method", *AGGREGATES]], f"batch integration ({r['scorer']})")
+    typer.echo(describe_run(r) + f"\nevery metric: {output / 'integration_scores.tsv'}")
 
 
 def _write_tsv(df, path: Path) -> None:
