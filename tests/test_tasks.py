@@ -397,6 +397,40 @@ def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
     assert bad.exit_code == 1 and "nope" in bad.output
 
 
+@pytest.mark.skipif(
+    installed_version("scib-metrics") is not None,
+    reason="checks the path without the [eval] extra; with it the scores take minutes (slow tests)",
+)
+def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cellfm.cli.tasks import gene_function, integrate
+
+    app = typer.Typer()
+    app.command("integrate")(integrate)
+    app.command("gene-function")(gene_function)
+    runner = CliRunner()
+    out = tmp_path / "integration"
+    res = runner.invoke(app, ["integrate", "-o", str(out), "--model", "preset:tiny", "--data-dir",
+                              str(shared_data), "--max-cells-per-batch", "80", "--scvi-epochs", "0",
+                              "--no-harmony", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "approximate, scib-metrics not installed" in res.output and "HVG+PCA: " in res.output
+    scores = pd.read_csv(out / "integration_scores.tsv", sep="\t")
+    assert scores["method"].tolist() == ["CellFM (zero-shot)", "HVG+PCA"] and "Total" in scores
+    assert "scores: approximate" in (out / "integration_methods.txt").read_text()
+    bad = runner.invoke(app, ["integrate", "-o", str(out), "--scvi-epochs", "-1"])
+    assert bad.exit_code == 2 and "--scvi-epochs" in bad.output
+    res = runner.invoke(app, ["gene-function", "-o", str(tmp_path / "gf"), "--model", "preset:tiny",
+                              "--data-dir", str(shared_data), "--no-go", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    binary = pd.read_csv(tmp_path / "gf" / "gene_function_binary.tsv", sep="\t")
+    assert set(binary["task"]) == {"dosage_sensitive_vs_insensitive_tf", "bivalent_vs_no_methyl",
+                                   "bivalent_vs_lys4_only"}
+    assert {"accuracy", "auroc"} <= set(binary.columns)
+
+
 def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):
     from cellfm.tasks.integration_finetune import ecs_loss, fine_tune_for_integration
 
