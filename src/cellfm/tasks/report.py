@@ -311,11 +311,16 @@ def _integration(model, data_dir, out, quick, seed, progress, finetune_epochs):
         "types (`COARSE_TYPES` in tasks/integration.py). Every method embeds all cells; the scores use "
         f"the {r['n_scored']} labelled ones (the celltypist sample has no labels). The batches differ in "
         "biology too (different donors / label sets), so perfect mixing is not the goal: read batch and "
-        "bio scores together. CellFM zero-shot, and after "
-        f"{finetune_epochs} epoch(s) of the official integration fine-tuning recipe (masked value "
-        "reconstruction on half of each cell's genes + elastic cell similarity, all parameters, Adam "
-        "1e-4; self-supervised: labels and batches unused; the tutorial runs 30 epochs on a GPU).\n\n"
-        f"{scorer}.\n\nMethods:\n{ran}\n\n"
+        "bio scores together. "
+        + (
+            f"CellFM zero-shot, and after {finetune_epochs} epoch(s) of the official integration "
+            "fine-tuning recipe (masked value reconstruction on half of each cell's genes + elastic "
+            "cell similarity, all parameters, Adam 1e-4; self-supervised: labels and batches unused; "
+            "the tutorial runs 30 epochs on a GPU)."
+            if finetune_epochs > 0
+            else "CellFM zero-shot only (no integration fine-tuning asked for)."
+        )
+        + f"\n\n{scorer}.\n\nMethods:\n{ran}\n\n"
         + markdown_table(table)
         + "\n\n"
         + _img(bars, "integration bars")
