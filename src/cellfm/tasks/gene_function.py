@@ -3,10 +3,10 @@
 CellFM's BinaryclassGeneFunction / MulticlassGeneFunction tutorials train a small MLP on frozen
 gene embeddings; here each task is a linear probe (balanced, L2-regularised logistic regression on
 standardised features) under 5-fold cross-validation, with the paper's metrics:
-- binary: the three Geneformer tasks the paper reports (`PAPER_BINARY_TASKS`: dosage-sensitive vs
-  -insensitive TFs, bivalent vs non-methylated, bivalent vs Lys4-only promoters; the other
-  Geneformer tasks on request), genes given as Ensembl ids and mapped onto the vocabulary;
-  accuracy and AUROC;
+- binary: three Geneformer tasks (`PAPER_BINARY_TASKS`: dosage-sensitive vs -insensitive TFs,
+  bivalent vs non-methylated, bivalent vs Lys4-only promoters; our reading of the paper's T1-T3,
+  whose `t123.h5ad` the tutorial loads but the repository does not ship; the other Geneformer
+  tasks on request), genes given as Ensembl ids and mapped onto the vocabulary; accuracy and AUROC;
 - multi-label: per ontology (BP/MF/CC) the 10 most frequent GO terms among vocabulary genes
   (direct annotations, root terms excluded), every gene carrying at least one of them, a 10-way
   multi-label target; AUPR of all (gene, term) pairs pooled and Fmax as the tutorial computes them,
