@@ -19,6 +19,7 @@ from cellfm.model.cell_type_head import CellTypeHead
 from cellfm.tasks import annotation_head, integration_metrics
 from cellfm.tasks.annotation import CellTypeAnnotator
 from cellfm.tasks.annotation_data import trainable_copy as _trainable_copy
+from cellfm.tasks.baselines import installed_version
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -210,32 +211,116 @@ def test_temperature_scaling_calibrates_overconfident_logits():
 
 
 # ---- integration --------------------------------------------------------------------------
-def test_integration_metrics_rank_mixed_above_separated():
-    rng = np.random.default_rng(0)
-    labels = np.repeat(["a", "b"], 200)
+def _planted_batches(seed=0):
+    """Two cell types x two batches; `split` moves batch y far away, `mixed` leaves it in place."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(["a", "b"], 200).astype(object)
     batches = np.tile(["x", "y"], 200)
-    centres = {"a": 0.0, "b": 6.0}
-    mixed = rng.normal(size=(400, 5)) + np.array([centres[c] for c in labels])[:, None]
-    split = mixed + (batches == "y")[:, None] * 10.0  # batches far apart
-    s_mix = integration_metrics.integration_scores(mixed, batches, labels)
-    s_split = integration_metrics.integration_scores(split, batches, labels)
-    assert s_mix["ilisi_knn"] > 0.8 > 0.1 > s_split["ilisi_knn"]
-    assert s_mix["batch_asw"] > s_split["batch_asw"]
-    assert s_mix["nmi"] > 0.9 and s_mix["ari"] > 0.9
+    mixed = rng.normal(size=(400, 5)) + (labels == "b")[:, None] * 6.0
+    split = mixed + (batches == "y")[:, None] * 10.0
+    labels[:7] = None  # unlabelled cells are left out of the scores
+    return {"mixed": mixed, "split": split}, batches, labels
+
+
+def test_approximate_integration_scores_rank_mixed_above_separated():
+    embs, batches, labels = _planted_batches()
+    r = integration_metrics.score_embeddings(
+        embs, batches, labels, unintegrated="split", scorer="approximate"
+    )
+    assert r.approximate and r.scorer == "approximate, scib-metrics not installed" and r.n_cells == 393
+    t = r.table.set_index("method")
+    assert list(t.columns[-3:]) == integration_metrics.AGGREGATES
+    assert t.loc["mixed", "kNN batch mixing"] > 0.8 > 0.1 > t.loc["split", "kNN batch mixing"]
+    assert t.loc["mixed", "Silhouette batch"] > t.loc["split", "Silhouette batch"]
+    assert t.loc["mixed", "KMeans NMI"] > 0.9 and t.loc["mixed", "KMeans ARI"] > 0.9
+    assert t.loc["mixed", "Total"] > t.loc["split", "Total"]
+    with pytest.raises(KeyError, match="unintegrated"):
+        integration_metrics.score_embeddings(embs, batches, labels, unintegrated="pca")
+
+
+@pytest.mark.slow  # about 2 min on 2 cores, most of it jax compiling the metrics
+@pytest.mark.skipif(
+    installed_version("scib-metrics") is None, reason="scib-metrics not installed ([eval] extra)"
+)
+def test_scib_metrics_benchmarker_scores():
+    embs, batches, labels = _planted_batches()
+    r = integration_metrics.score_embeddings(embs, batches, labels, unintegrated="split", progress=False)
+    assert r.scorer.startswith("scib-metrics 0.5") and not r.approximate
+    t = r.table.set_index("method")
+    for col in ("iLISI", "KBET", "Graph connectivity", "KMeans NMI", "Silhouette label", "cLISI"):
+        assert col in t.columns
+    assert t.loc["mixed", "iLISI"] > 0.8 > 0.1 > t.loc["split", "iLISI"]
+    assert t.loc["split", "PCR comparison"] == pytest.approx(0.0, abs=1e-6)  # itself the reference
+    assert t.loc["mixed", "Total"] == pytest.approx(
+        0.4 * t.loc["mixed", "Batch correction"] + 0.6 * t.loc["mixed", "Bio conservation"]
+    )
+    assert t.loc["mixed", "Total"] > t.loc["split", "Total"]
+
+
+@pytest.mark.skipif(installed_version("scanpy") is None, reason="scanpy not installed ([scanpy] extra)")
+def test_hvg_pca_is_scanpys_recipe_and_applies_to_new_cells(pbmc4k):
+    import anndata as ad
+    import scanpy as sc
+
+    from cellfm.tasks.baselines import HvgPca
+
+    cells = _slice(pbmc4k, None, 300)
+    hp = HvgPca(n_hvg=500, n_pcs=20).fit(cells.X)
+    assert hp.backend_.startswith("scanpy")
+    ref = ad.AnnData(cells.X.astype(np.float32))
+    sc.pp.normalize_total(ref, target_sum=1e4)
+    sc.pp.log1p(ref)
+    sc.pp.highly_variable_genes(ref, n_top_genes=500, flavor="seurat")
+    hvg = np.flatnonzero(ref.var["highly_variable"])
+    assert (hvg == hp.genes_).all()
+    ref = ref[:, hvg].copy()
+    sc.pp.scale(ref, max_value=10)
+    sc.pp.pca(ref, n_comps=20, random_state=0)
+    mine = hp.transform(cells.X)
+    assert np.allclose(np.abs(mine), np.abs(ref.obsm["X_pca"]), atol=1e-3 * np.abs(mine).max())
+    other = hp.transform(_slice(pbmc4k, None, 50, seed=1).X)  # cells it was not fitted on
+    assert other.shape == (50, 20) and np.isfinite(other).all()
 
 
 def test_integration_on_real_pbmc_batches(shared_data, tiny):
-    from cellfm.tasks.integration import build_pbmc_batches, coarse_labels, evaluate_integration
+    from cellfm.tasks.integration import build_pbmc_batches, coarse_labels, describe_run, evaluate_integration
 
     adata = build_pbmc_batches(shared_data, max_cells_per_batch=150)
     assert set(adata.obs["batch"]) == {"pbmc4k", "pbmc3k", "celltypist"}
     assert adata.obs.loc[adata.obs["batch"] == "celltypist", "coarse_type"].isna().all()
     assert coarse_labels(pd.Series(["Naive CD4 T", "T_CD4", "MNP"])).tolist() == ["CD4 T", "CD4 T", "Myeloid"]
-    r = evaluate_integration(adata, tiny, progress=False)
+    r = evaluate_integration(adata, tiny, progress=False, harmony=False, scvi_epochs=0, scorer="approximate")
     t = r["table"].set_index("method")
-    assert list(t.index[:2]) == ["CellFM (zero-shot)", "HVG+PCA"]
-    assert ((t[["ilisi_knn", "batch_asw", "nmi", "ari", "overall"]] >= -1e-6).all().all())
-    assert t.loc["HVG+PCA", "nmi"] > 0.3  # real cell types separate in PCA
+    assert list(t.index) == ["CellFM (zero-shot)", "HVG+PCA"]
+    assert t.to_numpy().min() >= -1e-6 and t.to_numpy().max() <= 1 + 1e-6
+    assert t.loc["HVG+PCA", "KMeans NMI"] > 0.3  # real cell types separate in PCA
+    assert r["n_scored"] == (adata.obs["coarse_type"].notna()).sum() < adata.n_obs
+    assert adata.obsm["X_pca"].shape == (adata.n_obs, 50)
+    text = describe_run(r)
+    assert "approximate, scib-metrics not installed" in text and "HVG+PCA: " in text
+    with pytest.raises(KeyError, match="no column 'donor'"):
+        evaluate_integration(adata, tiny, batch_key="donor")
+
+
+@pytest.mark.slow  # about 30 s: importing scvi-tools / lightning dominates
+@pytest.mark.skipif(
+    installed_version("harmonypy") is None or installed_version("scvi-tools") is None,
+    reason="harmonypy / scvi-tools not installed ([eval] extra)",
+)
+def test_harmony_and_scvi_baselines_mix_real_batches(shared_data):
+    from cellfm.tasks.integration import build_pbmc_batches
+    from cellfm.tasks.integration_baselines import integration_baselines
+
+    adata = build_pbmc_batches(shared_data, datasets=("pbmc4k", "pbmc3k"), max_cells_per_batch=200)
+    run = integration_baselines(adata, "batch", scvi_epochs=3, progress=False)
+    assert set(run.embeddings) == {"HVG+PCA", "Harmony", "scVI"}, run.notes
+    assert run.embeddings["scVI"].shape == (adata.n_obs, 10) and "3 epochs" in run.notes["scVI"]
+    r = integration_metrics.score_embeddings(
+        run.embeddings, adata.obs["batch"].to_numpy(), adata.obs["coarse_type"].to_numpy(),
+        unintegrated="HVG+PCA", scorer="approximate",
+    )
+    mixing = r.table.set_index("method")["kNN batch mixing"]
+    assert mixing["Harmony"] > mixing["HVG+PCA"]  # the two data sets separate in plain PCA
 
 
 # ---- perturbation -------------------------------------------------------------------------
@@ -274,26 +359,49 @@ def test_perturbation_evaluation_holds_out_knockouts(papalexi, pbmc4k, tiny):
 
 # ---- gene function and networks ---------------------------------------------------------------
 def test_gene_function_binary_task(shared_data, pbmc4k, tiny):
-    from cellfm.tasks.gene_function import evaluate_binary_tasks, vocab_symbols_of
+    from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, vocab_symbols_of
 
     assert vocab_symbols_of(["ENSG00000141510", "TP53", "NOTAGENE"], tiny).tolist() == ["TP53", "TP53", ""]
     t = evaluate_binary_tasks(tiny, data_dir=shared_data, reference=pbmc4k, tasks=["bivalent_vs_lys4_only"],
                               progress=False)
     assert set(t["method"]) == {"CellFM", "expression stats", "random"}
-    assert t["auroc"].between(0, 1).all() and (t["n_genes"] > 150).all()
+    assert t["auroc"].between(0, 1).all() and t["accuracy"].between(0, 1).all() and (t["n_genes"] > 150).all()
     # bivalent (developmental, silent in blood) vs H3K4me3-only (active) genes: expression tells them apart
-    assert t.set_index("method").loc["expression stats", "auroc"] > 0.75
+    expr = t.set_index("method").loc["expression stats"]
+    assert expr["auroc"] > 0.75 and expr["accuracy"] > 0.65
     with pytest.raises(KeyError, match="unknown gene tasks"):
         evaluate_binary_tasks(tiny, data_dir=shared_data, tasks=["no_such_task"])
+    with pytest.raises(KeyError, match="unknown gene tasks"):  # the paper's three are in the label file
+        evaluate_binary_tasks(tiny, data_dir=shared_data, tasks=[*PAPER_BINARY_TASKS, "x"])
 
 
-def test_go_terms_multilabel(shared_data, tiny):
-    from cellfm.tasks.gene_function import evaluate_go_terms, summarise_go
+def test_multilabel_metrics_are_the_tutorials():
+    from cellfm.tasks.gene_function import multilabel_metrics
 
-    t = evaluate_go_terms(tiny, data_dir=shared_data, ontologies=("MF",), n_terms=2, max_genes=600,
+    rng = np.random.default_rng(0)
+    Y = (rng.random((400, 10)) < 0.2).astype(int)
+    perfect = multilabel_metrics(Y, Y * 0.9 + 0.05)
+    assert perfect["aupr"] == pytest.approx(1.0) and perfect["fmax"] == pytest.approx(1.0)
+    assert perfect["auroc"] == pytest.approx(1.0)
+    chance = multilabel_metrics(Y, rng.random(Y.shape))
+    assert abs(chance["aupr"] - chance["label_density"]) < 0.05 and abs(chance["auroc"] - 0.5) < 0.05
+
+
+def test_go_top10_terms_multilabel(shared_data, tiny):
+    from cellfm.tasks.gene_function import evaluate_go_terms, go_top_terms
+    from cellfm.tasks.gene_labels import load_go_annotations
+
+    go = load_go_annotations(shared_data, "MF", propagated=False)
+    top = go_top_terms(go, set(tiny.vocab.genes), 3)
+    assert top[0] == "GO:0005515" and "GO:0003674" not in top  # protein binding; the root is excluded
+    r = evaluate_go_terms(tiny, data_dir=shared_data, ontologies=("MF",), n_terms=3, max_genes=400,
                           n_folds=3, progress=False)
-    assert t["go_id"].nunique() == 2 and set(t["method"]) == {"CellFM", "random"}
-    assert summarise_go(t)["n_terms"].eq(2).all()
+    s = r["summary"].set_index("method")
+    assert set(s.index) == {"CellFM", "random"} and (s["n_terms"] == 3).all() and (s["n_genes"] == 400).all()
+    assert s[["aupr", "fmax", "auroc"]].stack().between(0, 1).all()
+    assert set(r["terms"]["go_id"]) == set(top) and (r["terms"]["n_positive"] > 0).all()
+    # every gene carries at least one of the terms, and protein binding most of them
+    assert s["label_density"].iloc[0] >= 1 / 3
 
 
 def test_neighbour_enrichment_detects_planted_modules():
@@ -353,6 +461,40 @@ def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
     bad = runner.invoke(app, ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "nope", "-o",
                               str(tmp_path / "x"), "--model", "preset:tiny"])
     assert bad.exit_code == 1 and "nope" in bad.output
+
+
+@pytest.mark.skipif(
+    installed_version("scib-metrics") is not None,
+    reason="checks the path without the [eval] extra; with it the scores take minutes (slow tests)",
+)
+def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from cellfm.cli.tasks import gene_function, integrate
+
+    app = typer.Typer()
+    app.command("integrate")(integrate)
+    app.command("gene-function")(gene_function)
+    runner = CliRunner()
+    out = tmp_path / "integration"
+    res = runner.invoke(app, ["integrate", "-o", str(out), "--model", "preset:tiny", "--data-dir",
+                              str(shared_data), "--max-cells-per-batch", "80", "--scvi-epochs", "0",
+                              "--no-harmony", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    assert "approximate, scib-metrics not installed" in res.output and "HVG+PCA: " in res.output
+    scores = pd.read_csv(out / "integration_scores.tsv", sep="\t")
+    assert scores["method"].tolist() == ["CellFM (zero-shot)", "HVG+PCA"] and "Total" in scores
+    assert "scores: approximate" in (out / "integration_methods.txt").read_text()
+    bad = runner.invoke(app, ["integrate", "-o", str(out), "--scvi-epochs", "-1"])
+    assert bad.exit_code == 2 and "--scvi-epochs" in bad.output
+    res = runner.invoke(app, ["gene-function", "-o", str(tmp_path / "gf"), "--model", "preset:tiny",
+                              "--data-dir", str(shared_data), "--no-go", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    binary = pd.read_csv(tmp_path / "gf" / "gene_function_binary.tsv", sep="\t")
+    assert set(binary["task"]) == {"dosage_sensitive_vs_insensitive_tf", "bivalent_vs_no_methyl",
+                                   "bivalent_vs_lys4_only"}
+    assert {"accuracy", "auroc"} <= set(binary.columns)
 
 
 def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):

@@ -2,8 +2,9 @@
 
 One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation`,
 `gene_function`, `gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
-`integration_metrics`, `benchmark_data`, `gene_labels`, `report_plots`; the annotator's parts live in
-`annotation_*` modules (cache, data, training, open set, io, eval, the CLS-MLP head).
+`integration_metrics`, `integration_baselines`, `benchmark_data`, `gene_labels`, `report_plots`;
+the annotator's parts live in `annotation_*` modules (cache, data, training, open set, io, eval,
+the CLS-MLP head).
 Imports are lazy so that `import cellfm.tasks` stays cheap.
 """
 
@@ -14,7 +15,8 @@ _EXPORTS = {
     "evaluate_annotation": "cellfm.tasks.annotation_eval",
     "build_pbmc_batches": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",
-    "integration_scores": "cellfm.tasks.integration_metrics",
+    "score_embeddings": "cellfm.tasks.integration_metrics",
+    "integration_baselines": "cellfm.tasks.integration_baselines",
     "perturbation_effects": "cellfm.tasks.perturbation",
     "evaluate_perturbation": "cellfm.tasks.perturbation",
     "evaluate_binary_tasks": "cellfm.tasks.gene_function",

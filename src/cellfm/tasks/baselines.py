@@ -1,8 +1,10 @@
 """Classical baselines every task is compared against, fitted on the training split only.
 
 - `lognorm`: log1p(count / total * 1e4), the same normalisation CellFM sees.
-- `HvgPca`: highly variable genes (top variance of log-normalised counts on the training cells),
-  z-scored and clipped at 10, then PCA: the standard scanpy recipe without scanpy.
+- `HvgPca`: scanpy's recipe (`sc.pp.highly_variable_genes` flavor "seurat" on log-normalised
+  counts, `sc.pp.scale` clipped at 10, `sc.pp.pca`) fitted on one set of cells and applied to
+  others; scanpy is an optional extra (`pip install cellfm[scanpy]`). Without it a numpy stand-in
+  (top-variance genes) runs and says so in `backend_`.
 - `gene_expression_stats`: per-gene mean, variance and detection rate across real cells, the
   "what a gene does in PBMCs" feature a gene embedding has to beat.
 - `random_gene_embeddings`: a fixed random vector per gene symbol, the chance level of gene tasks.
@@ -29,32 +31,73 @@ def lognorm(X, target_sum: float = 1e4, totals: np.ndarray | None = None) -> sp.
     return out.tocsr()
 
 
+def installed_version(package: str) -> str | None:
+    """Version of an installed optional package (scanpy, scib-metrics, ...), None when absent."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
 class HvgPca:
-    """HVG selection + scaling + PCA, fitted on one set of cells and applied to others."""
+    """HVG selection + scaling + PCA on raw counts, fitted on one set of cells, applied to others.
+
+    After `fit`: `genes_` (HVG column indices), `mean_`/`std_` (scaling), `center_` and
+    `components_` (PCA), `backend_` ("scanpy x.y" or the approximate stand-in).
+    """
 
     def __init__(self, n_hvg: int = 2000, n_pcs: int = 50, seed: int = 0) -> None:
         self.n_hvg, self.n_pcs, self.seed = n_hvg, n_pcs, seed
 
     def fit(self, X) -> HvgPca:
-        from sklearn.decomposition import PCA
-
         L = lognorm(X)
-        mean = np.asarray(L.mean(0)).ravel()
-        var = np.asarray(L.multiply(L).mean(0)).ravel() - mean**2
-        self.genes_ = np.sort(np.argsort(-var)[: min(self.n_hvg, L.shape[1])])  # (G,)
-        Z = self._scaled(L, fit=True)
-        n = min(self.n_pcs, Z.shape[0] - 1, Z.shape[1])
-        self.pca_ = PCA(n_components=n, random_state=self.seed).fit(Z)
+        n = min(self.n_pcs, L.shape[0] - 1, min(self.n_hvg, L.shape[1]))
+        if installed_version("scanpy") is not None:
+            self._fit_scanpy(L, n)
+        else:
+            self._fit_numpy(L, n)
         return self
 
-    def _scaled(self, L, fit: bool = False) -> np.ndarray:
+    def _fit_scanpy(self, L: sp.csr_matrix, n: int) -> None:
+        import anndata as ad
+        import scanpy as sc
+
+        a = ad.AnnData(L)
+        a.uns["log1p"] = {"base": None}  # natural log, as `lognorm` writes it
+        if self.n_hvg < L.shape[1]:
+            sc.pp.highly_variable_genes(a, n_top_genes=self.n_hvg, flavor="seurat")
+            self.genes_ = np.flatnonzero(a.var["highly_variable"].to_numpy())  # (G,)
+        else:
+            self.genes_ = np.arange(L.shape[1])
+        sub = a[:, self.genes_].copy()
+        sc.pp.scale(sub, max_value=10)
+        self.mean_, self.std_ = sub.var["mean"].to_numpy(), sub.var["std"].to_numpy()
+        self.center_ = np.asarray(sub.X).mean(0)  # sc.pp.pca centres the clipped values
+        sc.pp.pca(sub, n_comps=n, random_state=self.seed)
+        self.components_ = np.asarray(sub.varm["PCs"]).T  # (n, G)
+        self.backend_ = f"scanpy {installed_version('scanpy')}"
+
+    def _fit_numpy(self, L: sp.csr_matrix, n: int) -> None:
+        from sklearn.decomposition import PCA
+
+        mean = np.asarray(L.mean(0)).ravel()
+        var = np.asarray(L.multiply(L).mean(0)).ravel() - mean**2
+        self.genes_ = np.sort(np.argsort(-var)[: min(self.n_hvg, L.shape[1])])
         D = L[:, self.genes_].toarray()
-        if fit:
-            self.mu_, self.sd_ = D.mean(0), D.std(0) + 1e-8
-        return np.clip((D - self.mu_) / self.sd_, -10, 10)
+        self.mean_, self.std_ = D.mean(0), D.std(0) + 1e-8
+        pca = PCA(n_components=n, random_state=self.seed).fit(self._scaled(L))
+        self.center_, self.components_ = pca.mean_, pca.components_
+        self.backend_ = "approximate (scanpy not installed: top-variance genes + sklearn PCA)"
+
+    def _scaled(self, L) -> np.ndarray:
+        D = L[:, self.genes_].toarray()
+        return np.clip((D - self.mean_) / self.std_, -10, 10)
 
     def transform(self, X) -> np.ndarray:
-        return self.pca_.transform(self._scaled(lognorm(X))).astype(np.float32)  # (N, n_pcs)
+        Z = self._scaled(lognorm(X)) - self.center_
+        return (Z @ self.components_.T).astype(np.float32)  # (N, n_pcs)
 
     def fit_transform(self, X) -> np.ndarray:
         return self.fit(X).transform(X)

@@ -15,6 +15,7 @@ import pandas as pd
 
 GENEFORMER_TASKS = "gene_function_labels/geneformer_tasks/geneformer_gene_tasks_long.tsv"
 GO_PROPAGATED = "go_annotations_org_hs_eg_db/go_annotations_propagated.tsv.gz"
+GO_DIRECT = "go_annotations_org_hs_eg_db/go_annotations_direct.tsv.gz"
 GO_TERMS = "go_annotations_org_hs_eg_db/go_terms.tsv.gz"
 REACTOME_GMT = "gene_function_labels/gene_sets/msigdb_c2_cp_reactome_v6.2_symbols.gmt.gz"
 
@@ -40,11 +41,19 @@ def load_geneformer_tasks(data_dir: str | Path | None = None) -> pd.DataFrame:
     return df.fillna({"symbol": ""})
 
 
-def load_go_annotations(data_dir: str | Path | None = None, ontology: str | None = None) -> pd.DataFrame:
-    """Propagated GO annotations (symbol, go_id, ontology) without IEA-free filtering; one row per
-    (gene, term)."""
+def load_go_annotations(
+    data_dir: str | Path | None = None, ontology: str | None = None, propagated: bool = True
+) -> pd.DataFrame:
+    """GO annotations (symbol, go_id, ontology), all evidence codes; one row per (gene, term).
+
+    `propagated`: each term also given to the genes of its descendants (org.Hs.eg.db `go_*_all`);
+    else only the direct annotations (as the CellFM gene-function data set counts terms).
+    """
     df = pd.read_csv(
-        _path(data_dir, GO_PROPAGATED), sep="\t", usecols=["symbol", "go_id", "ontology"], dtype=str
+        _path(data_dir, GO_PROPAGATED if propagated else GO_DIRECT),
+        sep="\t",
+        usecols=["symbol", "go_id", "ontology"],
+        dtype=str,
     )
     if ontology is not None:
         df = df[df["ontology"] == ontology]

@@ -2,10 +2,11 @@
 
 The benchmark combines three real PBMC data sets (batch = data set: 10x PBMC 4k, Seurat pbmc3k,
 the celltypist sample) on their common genes, with their different label vocabularies harmonised
-to coarse types through the explicit table `COARSE_TYPES` (the celltypist sample is unlabelled and
-counts for batch mixing only). The CellFM embedding (zero-shot) is scored with
-`integration_metrics.integration_scores` next to HVG+PCA of the same cells, and scVI/Harmony when
-those packages happen to be installed (they are never required).
+to coarse types through the explicit table `COARSE_TYPES` (the celltypist sample is unlabelled:
+it is embedded and corrected with the others but left out of the scores, which need a label per
+cell). The CellFM embedding (zero-shot, and optionally fine-tuned) is scored by scib-metrics
+(`integration_metrics`) next to HVG+PCA, Harmony and scVI of the same cells
+(`integration_baselines`); every optional package is reported as run or not run.
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-
-from cellfm.tasks.integration_metrics import integration_scores
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -104,28 +103,32 @@ def evaluate_integration(
     model: CellFM,
     *,
     batch_key: str = "batch",
-    label_key: str | None = "coarse_type",
+    label_key: str = "coarse_type",
     seed: int = 0,
     progress: bool = True,
     device: str | None = "cpu",
     finetune_epochs: int = 0,
+    harmony: bool = True,
+    scvi_epochs: int = 20,
+    scorer: str = "auto",
 ) -> dict:
     """Scores of the CellFM embedding and the baselines on `adata` (raw counts).
 
-    Writes obsm["X_cellfm"] and obsm["X_pca"] into `adata` (for plots). With `finetune_epochs` > 0
-    the encoder is also fine-tuned on these cells first (`integration_finetune`, self-supervised:
-    no labels or batches are used) and scored as a further row (obsm["X_cellfm_finetuned"]).
-    Returns {"table": DataFrame (one row per method), "embeddings": {method: array}}.
+    Writes obsm["X_cellfm"], obsm["X_pca"] (and "X_harmony", "X_scVI" when those ran) into `adata`
+    for plots. With `finetune_epochs` > 0 the encoder is also fine-tuned on these cells first
+    (`integration_finetune`, self-supervised: no labels or batches are used) and scored as a further
+    row (obsm["X_cellfm_finetuned"]). `scorer` is passed to `integration_metrics.score_embeddings`.
+    Returns {"table": DataFrame (one row per method), "embeddings": {method: array},
+    "scorer": str, "methods": {method: what ran or why not}, "n_scored": int}.
     """
     from cellfm.embedding import embed
-    from cellfm.tasks.baselines import HvgPca
+    from cellfm.tasks.integration_baselines import integration_baselines
+    from cellfm.tasks.integration_metrics import score_embeddings, scoring_frame
 
-    for key in (batch_key, label_key):
-        if key is not None and key not in adata.obs.columns:
-            raise KeyError(f"obs has no column {key!r} (columns: {list(adata.obs.columns)})")
+    batches, labels = scoring_frame(adata, batch_key, label_key)
     embed(adata, model, device=device, progress=progress, empty="zero")
-    adata.obsm["X_pca"] = HvgPca(seed=seed).fit_transform(adata.X)
-    embeddings = {"CellFM (zero-shot)": adata.obsm["X_cellfm"], "HVG+PCA": adata.obsm["X_pca"]}
+    embeddings = {"CellFM (zero-shot)": adata.obsm["X_cellfm"]}
+    methods = {"CellFM (zero-shot)": "CLS embedding of the model as loaded"}
     if finetune_epochs > 0:
         from cellfm.tasks.integration_finetune import fine_tune_for_integration
 
@@ -133,24 +136,31 @@ def evaluate_integration(
             adata, model, epochs=finetune_epochs, device=device, seed=seed, progress=progress
         )
         embed(adata, tuned, device=device, progress=progress, empty="zero", key_added="X_cellfm_finetuned")
-        embeddings[f"CellFM (fine-tuned, {finetune_epochs} ep)"] = adata.obsm["X_cellfm_finetuned"]
-    embeddings.update(_optional_integrations(adata, batch_key))
-    batches = adata.obs[batch_key].astype(str).to_numpy()
-    labels = adata.obs[label_key].to_numpy() if label_key else None
-    rows = [{"method": m, **integration_scores(e, batches, labels, seed)} for m, e in embeddings.items()]
-    return {"table": pd.DataFrame(rows), "embeddings": embeddings}
+        name = f"CellFM (fine-tuned, {finetune_epochs} ep)"
+        embeddings[name] = adata.obsm["X_cellfm_finetuned"]
+        methods[name] = "self-supervised integration fine-tuning on these cells"
+    base = integration_baselines(
+        adata, batch_key, harmony=harmony, scvi_epochs=scvi_epochs, seed=seed, progress=progress
+    )
+    for name, key in (("HVG+PCA", "X_pca"), ("Harmony", "X_harmony"), ("scVI", "X_scVI")):
+        if name in base.embeddings:
+            adata.obsm[key] = base.embeddings[name]
+    embeddings.update(base.embeddings)
+    methods.update(base.notes)
+    scores = score_embeddings(
+        embeddings, batches, labels, unintegrated="HVG+PCA", scorer=scorer, seed=seed, progress=progress
+    )
+    return {
+        "table": scores.table,
+        "embeddings": embeddings,
+        "scorer": scores.scorer,
+        "methods": methods,
+        "n_scored": scores.n_cells,
+    }
 
 
-def _optional_integrations(adata: ad.AnnData, batch_key: str) -> dict[str, np.ndarray]:
-    """Harmony on the PCA when harmonypy is importable; nothing otherwise (no installs here)."""
-    out = {}
-    try:
-        import harmonypy
-    except ImportError:
-        return out
-    try:
-        ho = harmonypy.run_harmony(adata.obsm["X_pca"], adata.obs, batch_key, verbose=False)
-        out["Harmony (PCA)"] = np.asarray(ho.Z_corr).T.astype(np.float32)
-    except Exception as err:  # an optional extra must never break the evaluation
-        log.warning("harmony failed: %s", err)
-    return out
+def describe_run(result: dict) -> str:
+    """One line per method saying what ran (or why not), and which scorer made the numbers."""
+    lines = [f"scores: {result['scorer']} on {result['n_scored']} labelled cells"]
+    lines += [f"{m}: {note}" for m, note in result["methods"].items()]
+    return "\n".join(lines)

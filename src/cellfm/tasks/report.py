@@ -158,7 +158,10 @@ def summary_table(results: dict) -> pd.DataFrame:
         "CellFM",
         "macro_f1",
     )
-    add("integration", "scIB-style overall", get("Batch integration", "table"), "method", "CellFM", "overall")
+    scorer = get("Batch integration", "scorer") or ""
+    metric = ("scib-metrics Total" if scorer.startswith("scib-metrics")
+              else "Total (approximate, no scib-metrics)")
+    add("integration", metric, get("Batch integration", "table"), "method", "CellFM", "Total")
     add(
         "perturbation",
         "Pearson, top-20 DE genes",
@@ -177,11 +180,11 @@ def summary_table(results: dict) -> pd.DataFrame:
     )
     add(
         "gene function (GO)",
-        "AUROC, mean over terms",
+        "AUPR, mean over BP/MF/CC",
         get("Gene function", "go"),
         "method",
         "CellFM",
-        "auroc",
+        "aupr",
     )
     net = get("Gene networks", "table")
     if net is not None:

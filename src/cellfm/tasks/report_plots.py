@@ -21,6 +21,7 @@ READABLE = {
     "batch_score": "batch mixing",
     "bio_score": "bio conservation",
     "overall": "overall (0.6 bio + 0.4 batch)",
+    "Total": "total (0.6 bio + 0.4 batch)",
     "pearson_all": "all genes",
     "pearson_top_de": "top-20 changed genes",
     "coarse_type": "cell type",
