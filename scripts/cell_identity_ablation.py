@@ -40,10 +40,6 @@ VARIANTS: dict[str, tuple[str, dict, dict]] = {
                   {"mix_shards": 1}, {"cellwise_offset": True}),
     "B0_mixed": ("official objective, batches mix all files (mix_shards=16)", {"mix_shards": 16}, {}),
     "B1_mixed_offset": ("B0 + cell-wise offset", {"mix_shards": 16}, {"cellwise_offset": True}),
-    "B2_mixed_offset_cellw5": ("B1 + cell-wise loss x5", {"mix_shards": 16, "cellwise_weight": 5.0},
-                               {"cellwise_offset": True}),
-    "B3_mixed_offset_mask05": ("B1 + mask ratio 0.5", {"mix_shards": 16},
-                               {"cellwise_offset": True, "mask_ratio": 0.5}),
     "C0_mixed_unexpressed": ("B0 + unexpressed-gene targets (1 per loss position)",
                              {"mix_shards": 16, "unexpressed_ratio": 1.0}, {}),
 }
