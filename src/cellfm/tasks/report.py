@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
 
 log = logging.getLogger(__name__)
-TASKS = ("annotation", "integration", "perturbation", "gene_function", "gene_network")
+TASKS = ("cell_identity", "annotation", "integration", "perturbation", "gene_function", "gene_network")
 ANNOTATION_SETS = ("pbmc3k", "pbmc4k", "pbmc68k")
 
 
@@ -94,6 +94,9 @@ def run_evaluation(
             reference = load_benchmark("pbmc4k", data_dir)
         return reference
 
+    if "cell_identity" in tasks:
+        section("Cell identity of the frozen CLS embedding",
+                lambda: task.cell_identity_section(model, data_dir, quick, seed))
     if "annotation" in tasks:
         section(
             "Cell type annotation",
@@ -150,6 +153,8 @@ def summary_table(results: dict) -> pd.DataFrame:
             )
 
     get = lambda title, key: results.get(title, {}).get(key) if isinstance(results.get(title), dict) else None  # noqa: E731
+    add("cell identity (frozen CLS)", "15-NN accuracy, mean over data sets",
+        get("Cell identity of the frozen CLS embedding", "table"), "embedding", "CellFM", "knn_acc")
     add(
         "annotation",
         "macro-F1, mean over data sets",

@@ -21,6 +21,22 @@ def figure_link(path: Path | None, alt: str) -> str:
     return f"![{alt}]({path.name})"
 
 
+def cell_identity_section(model, data_dir, quick, seed):
+    from cellfm.tasks.cell_identity import evaluate_cell_identity, identity_markdown, identity_targets
+
+    table = evaluate_cell_identity(model, data_dir, seeds=(seed,) if quick else (seed, seed + 1, seed + 2),
+                                   max_cells=600 if quick else 1500)
+    text = (
+        "Before any head is trained: 5-fold cross-validated 15-NN accuracy (Euclidean on the raw "
+        "embedding, as `sc.pp.neighbors(use_rep=...)` sees it) and logistic-regression accuracy of the "
+        "frozen CLS embedding, next to an untrained model of the same shape (what pretraining added) "
+        "and scanpy's PCA of HVG log counts (normalize_total, log1p, 2,000 HVGs, scale, 50 PCs); mean "
+        "+- sd over CV seeds.\n\n" + identity_markdown(table) + "\n\nTargets (issue 8): "
+        + "; ".join(identity_targets(table)) + "."
+    )
+    return text, {"table": table}
+
+
 def annotation_section(model, data_dir, out, mode, quick, seed, progress):
     from cellfm.tasks.annotation import evaluate_annotation
     from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark

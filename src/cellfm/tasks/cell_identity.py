@@ -1,0 +1,99 @@
+"""Cell identity of frozen CLS embeddings: kNN and linear-probe accuracy on labelled real cells,
+next to PCA of HVG log counts (scanpy) and an untrained model of the same shape.
+
+The question this answers is whether pretraining put cell identity into the CLS at all, before any
+annotation head is trained; `benchmarks/cell_identity.py`, the `cellfm evaluate` report and the
+`cellfm-mini` model card use it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+# data set -> (file under the shared data folder, label column)
+IDENTITY_SETS = {"pbmc3k": ("pbmc3k_clustifyr/pbmc3k_clustifyr_2000hvg.h5ad", "classified"),
+                 "pbmc4k": ("pbmc4k_soupx/pbmc4k_soupx_half.h5ad", "cell_type"),
+                 "pbmc68k": ("pbmc68k_reduced_scanpy/pbmc68k_reduced_counts.h5ad", "bulk_labels")}
+CELLFM, RANDOM, PCA = "CellFM CLS", "random init CLS", "PCA of HVG log counts"
+
+
+def hvg_pca(path: Path, rows: np.ndarray, n_pcs: int = 50) -> np.ndarray:
+    """The field's standard: normalize_total, log1p, 2,000 HVGs, scale, 50 PCs (scanpy)."""
+    import anndata as ad
+    import scanpy as sc
+
+    adata = ad.read_h5ad(path)[rows].copy()
+    sc.pp.normalize_total(adata, target_sum=1e4)
+    sc.pp.log1p(adata)
+    if adata.n_vars > 2000:
+        sc.pp.highly_variable_genes(adata, n_top_genes=2000, subset=True)
+    sc.pp.scale(adata, max_value=10)
+    sc.pp.pca(adata, n_comps=min(n_pcs, adata.n_vars - 1), random_state=0)
+    return adata.obsm["X_pca"].astype(np.float32)
+
+
+def evaluate_cell_identity(model, data_dir: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
+                           max_cells: int = 1500, sets: tuple[str, ...] = tuple(IDENTITY_SETS),
+                           progress: bool = False) -> pd.DataFrame:
+    """One row per (data set, embedding): mean and sd over `seeds` of 5-fold 15-NN accuracy
+    (Euclidean on the raw embedding) and logistic-regression accuracy (standardised features)."""
+    from cellfm.embedding import resolve_model
+    from cellfm.model import CellFMModule
+    from cellfm.training.probe import cls_embeddings, load_probe_set, probe_accuracy
+
+    model = resolve_model(model)
+    torch.manual_seed(0)
+    random_init = CellFMModule(model.config)
+    rows = []
+    for name in sets:
+        rel, key = IDENTITY_SETS[name]
+        path = Path(data_dir) / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass the shared data folder as data_dir")
+        probe = load_probe_set(path, key, model.config.vocabulary, max_cells=max_cells,
+                               max_genes=model.config.max_genes)
+        embs = {CELLFM: cls_embeddings(model.module, probe), RANDOM: cls_embeddings(random_init, probe),
+                PCA: hvg_pca(path, probe.rows)}
+        for emb_name, emb in embs.items():
+            res = [probe_accuracy(emb, probe.labels, seed=s) for s in seeds]
+            knn = np.array([r["knn_acc"] for r in res])
+            lin = np.array([r["linear_acc"] for r in res])
+            rows.append({"dataset": name, "cells": len(probe.labels), "types": len(probe.classes),
+                         "embedding": emb_name, "knn_acc": knn.mean(), "knn_sd": knn.std(),
+                         "linear_acc": lin.mean(), "linear_sd": lin.std()})
+        if progress:
+            print(f"cell identity: {name} done", flush=True)
+    return pd.DataFrame(rows)
+
+
+def identity_markdown(table: pd.DataFrame) -> str:
+    lines = ["| data | embedding | 15-NN accuracy | linear-probe accuracy |", "|---|---|---|---|"]
+    for r in table.itertuples():
+        lines.append(f"| {r.dataset} ({r.cells} cells, {r.types} types) | {r.embedding} | "
+                     f"{r.knn_acc:.3f} +- {r.knn_sd:.3f} | {r.linear_acc:.3f} +- {r.linear_sd:.3f} |")
+    return "\n".join(lines)
+
+
+def identity_targets(table: pd.DataFrame) -> list[str]:
+    """Issue 8's targets, met or missed: kNN >= PCA - 0.05 and >= random + 0.20; linear >= 0.90 on pbmc3k."""
+    def met(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    out = []
+    for name, t in table.groupby("dataset", sort=False):
+        acc = t.set_index("embedding")
+        knn, lin = acc.loc[CELLFM, "knn_acc"], acc.loc[CELLFM, "linear_acc"]
+        pca, rnd = acc.loc[PCA, "knn_acc"], acc.loc[RANDOM, "knn_acc"]
+        line = (f"{name}: kNN {knn:.3f} vs PCA-0.05 {pca - 0.05:.3f} ({met(knn >= pca - 0.05)}), "
+                f"vs random+0.20 {rnd + 0.20:.3f} ({met(knn >= rnd + 0.20)})")
+        if name == "pbmc3k":
+            line += f"; linear {lin:.3f} vs 0.90 ({met(lin >= 0.90)})"
+        out.append(line)
+    return out
+
+
+__all__ = ["IDENTITY_SETS", "evaluate_cell_identity", "hvg_pca", "identity_markdown", "identity_targets"]
