@@ -33,6 +33,9 @@ def test_demo_default_output_is_the_cache_not_the_current_folder(model_dir, tmp_
     chance = next(line for line in r.output.splitlines() if line.startswith("chance"))
     assert "T_CD4" in chance and f"{90 / 297:.3f}" in chance
     assert "next:" in r.output and "cellfm embed" in r.output
+    # the untrained model of the same shape is scored beside it, as a kNN accuracy in [0, 1]
+    rand = next(line for line in r.output.splitlines() if line.startswith("same model, random init"))
+    assert 0 < float(rand.split()[-2]) <= 1
 
 
 def test_demo_explicit_output_is_not_overwritten_silently(model_dir, tmp_path):
