@@ -144,7 +144,7 @@ Frozen embeddings of labelled cells, 5-fold cross-validated 15-NN accuracy (Eucl
 embedding) and logistic-regression accuracy, mean +- sd over 3 seeds
 (`python benchmarks/cell_identity.py`). pbmc3k was never in the corpus; pbmc4k and pbmc68k were,
 without their labels. "random init" is an untrained model of the same shape; PCA is scanpy's
-normalize_total, log1p, 2,000 HVGs, scale, 50 PCs.
+2,000 HVGs (seurat flavour), scale, 50 PCs.
 
 {table}
 

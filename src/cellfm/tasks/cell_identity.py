@@ -1,5 +1,5 @@
 """Cell identity of frozen CLS embeddings: kNN and linear-probe accuracy on labelled real cells,
-next to PCA of HVG log counts (scanpy) and an untrained model of the same shape.
+next to PCA of HVG log counts (scanpy when installed) and an untrained model of the same shape.
 
 The question this answers is whether pretraining put cell identity into the CLS at all, before any
 annotation head is trained; `benchmarks/cell_identity.py`, the `cellfm evaluate` report and the
@@ -21,19 +21,16 @@ IDENTITY_SETS = {"pbmc3k": ("pbmc3k_clustifyr/pbmc3k_clustifyr_2000hvg.h5ad", "c
 CELLFM, RANDOM, PCA = "CellFM CLS", "random init CLS", "PCA of HVG log counts"
 
 
-def hvg_pca(path: Path, rows: np.ndarray, n_pcs: int = 50) -> np.ndarray:
-    """The field's standard: normalize_total, log1p, 2,000 HVGs, scale, 50 PCs (scanpy)."""
+def hvg_pca(path: Path, rows: np.ndarray) -> tuple[np.ndarray, str]:
+    """PCA of HVG log counts as the field computes it (`baselines.HvgPca`: scanpy's HVGs, scale,
+    50 PCs when scanpy is installed, a labelled stand-in otherwise) -> (embedding, backend)."""
     import anndata as ad
-    import scanpy as sc
 
-    adata = ad.read_h5ad(path)[rows].copy()
-    sc.pp.normalize_total(adata, target_sum=1e4)
-    sc.pp.log1p(adata)
-    if adata.n_vars > 2000:
-        sc.pp.highly_variable_genes(adata, n_top_genes=2000, subset=True)
-    sc.pp.scale(adata, max_value=10)
-    sc.pp.pca(adata, n_comps=min(n_pcs, adata.n_vars - 1), random_state=0)
-    return adata.obsm["X_pca"].astype(np.float32)
+    from cellfm.tasks.baselines import HvgPca
+
+    hp = HvgPca()
+    emb = hp.fit_transform(ad.read_h5ad(path)[rows].X)
+    return np.asarray(emb, np.float32), hp.backend_
 
 
 def evaluate_cell_identity(model, data_dir: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
@@ -56,22 +53,25 @@ def evaluate_cell_identity(model, data_dir: str | Path, *, seeds: tuple[int, ...
             raise FileNotFoundError(f"{path} not found: pass the shared data folder as data_dir")
         probe = load_probe_set(path, key, model.config.vocabulary, max_cells=max_cells,
                                max_genes=model.config.max_genes)
+        pca, backend = hvg_pca(path, probe.rows)
         embs = {CELLFM: cls_embeddings(model.module, probe), RANDOM: cls_embeddings(random_init, probe),
-                PCA: hvg_pca(path, probe.rows)}
+                PCA: pca}
         for emb_name, emb in embs.items():
             res = [probe_accuracy(emb, probe.labels, seed=s) for s in seeds]
             knn = np.array([r["knn_acc"] for r in res])
             lin = np.array([r["linear_acc"] for r in res])
             rows.append({"dataset": name, "cells": len(probe.labels), "types": len(probe.classes),
-                         "embedding": emb_name, "knn_acc": knn.mean(), "knn_sd": knn.std(),
-                         "linear_acc": lin.mean(), "linear_sd": lin.std()})
+                         "embedding": emb_name, "pca_backend": backend, "knn_acc": knn.mean(),
+                         "knn_sd": knn.std(), "linear_acc": lin.mean(), "linear_sd": lin.std()})
         if progress:
             print(f"cell identity: {name} done", flush=True)
     return pd.DataFrame(rows)
 
 
 def identity_markdown(table: pd.DataFrame) -> str:
-    lines = ["| data | embedding | 15-NN accuracy | linear-probe accuracy |", "|---|---|---|---|"]
+    """The table as Markdown, with which PCA ran."""
+    lines = [f"PCA backend: {table['pca_backend'].iloc[0]}.", "",
+             "| data | embedding | 15-NN accuracy | linear-probe accuracy |", "|---|---|---|---|"]
     for r in table.itertuples():
         lines.append(f"| {r.dataset} ({r.cells} cells, {r.types} types) | {r.embedding} | "
                      f"{r.knn_acc:.3f} +- {r.knn_sd:.3f} | {r.linear_acc:.3f} +- {r.linear_sd:.3f} |")

@@ -30,7 +30,7 @@ def cell_identity_section(model, data_dir, quick, seed):
         "Before any head is trained: 5-fold cross-validated 15-NN accuracy (Euclidean on the raw "
         "embedding, as `sc.pp.neighbors(use_rep=...)` sees it) and logistic-regression accuracy of the "
         "frozen CLS embedding, next to an untrained model of the same shape (what pretraining added) "
-        "and scanpy's PCA of HVG log counts (normalize_total, log1p, 2,000 HVGs, scale, 50 PCs); mean "
+        "and PCA of HVG log counts (2,000 HVGs, scaled, 50 PCs; scanpy when installed); mean "
         "+- sd over CV seeds.\n\n" + identity_markdown(table) + "\n\nTargets (issue 8): "
         + "; ".join(identity_targets(table)) + "."
     )
