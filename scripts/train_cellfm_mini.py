@@ -51,7 +51,8 @@ def main() -> None:
     mc = cfg.model_config()
     val = held_out_dataset(corpus, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
                            max_genes=mc.max_genes, seed=cfg.seed)
-    means = per_gene_means(corpus, val_fraction=cfg.val_fraction, n_rows=mc.gene_table_rows)
+    means = per_gene_means(corpus, val_fraction=cfg.val_fraction, n_rows=mc.gene_table_rows,
+                           max_genes=mc.max_genes)
     base = per_gene_mean_mse(means, val)
     model = cellfm.load(model_dir)
     scores = masked_value_mse(model.module, val)
