@@ -120,10 +120,9 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     rank = int(os.environ.get("RANK", "0"))
     console.print(f"rank {rank}: embedded {result.computed} chunks, skipped {result.skipped} already done "
                   f"(of {result.n_chunks})")
-    if result.output is None:
-        if rank == 0 or stop:
-            if stop:
-                raise Failure(f"stopped after {stop} chunks (CELLFM_EMBED_STOP_AFTER_CHUNKS)", 3)
+    if result.output is None:  # rank > 0 (rank 0 writes OUT), or stopped by the test hook
+        if stop:
+            raise Failure(f"stopped after {stop} chunks (CELLFM_EMBED_STOP_AFTER_CHUNKS)", 3)
         return
     print_report(console, result.uns, result.n_cells, seconds, model)
     what = "cell names + obsm['X_cellfm']" if obsm_only else "the input + obsm['X_cellfm']"
