@@ -59,7 +59,7 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def embed_in_this_process(src: str, out: str, threads: int) -> dict:
+def embed_in_this_process(src: str, out: str, threads: int, chunk_cells: int) -> dict:
     import torch
 
     import cellfm
@@ -69,14 +69,14 @@ def embed_in_this_process(src: str, out: str, threads: int) -> dict:
     model = cellfm.CellFM.from_preset("tiny")
     before = rss_mib()
     t = time.perf_counter()
-    result = cellfm.embed_file(src, model, out, device="cpu", progress=False)
+    result = cellfm.embed_file(src, model, out, device="cpu", progress=False, chunk_cells=chunk_cells)
     seconds = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"cells": result.n_cells, "chunks": result.n_chunks, "seconds": seconds, "peak": peak,
             "before": before}
 
 
-def run(n_many: int, threads: int, in_fresh_process) -> None:
+def run(n_many: int, threads: int, in_fresh_process, chunk_cells: int = 1000) -> None:
     sizes = [1000, n_many] if n_many != 1000 else [1000]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,12 +85,13 @@ def run(n_many: int, threads: int, in_fresh_process) -> None:
             t = time.perf_counter()
             in_fresh_process(write_synthetic, src, n)
             written = time.perf_counter() - t
-            r = in_fresh_process(embed_in_this_process, str(src), str(out), threads)
+            r = in_fresh_process(embed_in_this_process, str(src), str(out), threads, chunk_cells)
             r.update(input_mib=src.stat().st_size / 2**20, output_mib=out.stat().st_size / 2**20,
                      write_s=written)
             rows.append(r)
     print(f"streaming embed_file, tiny model, {threads} thread(s), synthetic counts ({GENES_PER_CELL} of "
-          f"{N_GENES} genes a cell), backed .h5ad in, full .h5ad out (input copied + obsm)")
+          f"{N_GENES} genes a cell), backed .h5ad in, full .h5ad out (input copied + obsm), "
+          f"chunks of {chunk_cells:,} cells")
     print(f"{'cells':>8s} {'chunks':>6s} {'input MiB':>9s} {'output MiB':>10s} {'s':>7s} {'cells/s':>8s} "
           f"{'RSS before MiB':>14s} {'peak RSS MiB':>12s} {'peak - before':>13s}")
     for r in rows:

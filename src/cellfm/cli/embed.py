@@ -1,7 +1,8 @@
 """`cellfm embed INPUT -o OUT.h5ad`: cell embeddings into obsm["X_cellfm"].
 
-A thin layer over `cellfm.embed`: read (h5ad, 10x folder / .h5, loom), embed, print the
-gene-matching report, write atomically. Bad input ends the command with one line naming the
+A thin layer over `cellfm.embed_file`: read (h5ad backed, in row chunks; 10x folder / .h5, loom),
+embed chunk by chunk into OUT.parts/ (resumable; split across processes under `torchrun`), merge
+into OUT atomically, print the gene-matching report. Bad input ends the command with one line naming the
 problem and the flag that fixes it (exit 2 for bad arguments, 1 for bad data or models, 130 on
 Ctrl-C), never a traceback; the input file is only read.
 """
