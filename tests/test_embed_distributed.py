@@ -134,3 +134,26 @@ def test_changed_input_or_model_refuses_to_resume(cells, model_dir, tmp_path):
     with pytest.raises(ValueError, match=r"another run \(input: .*delete .*\.parts to start over"):
         embed_file(source, str(model_dir), out, **args)
     assert not out.exists() and len(list(parts_folder(out).glob("chunk-*.npy"))) == 1
+
+
+def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
+    """A 10x .h5 is read through the corpus reader by row slices (checked across the reader's chunk
+    borders) and gives the embeddings of the same cells as .h5ad; the full output holds its counts."""
+    from test_embed_cli import write_10x_h5
+
+    import cellfm.io as cio
+
+    original = ad.read_h5ad(cells)
+    source = write_10x_h5(original, tmp_path / "cells.h5")
+    _, rows = cio.open_rows(source)
+    rows.chunk_size = 50  # row slices across, before and after reader chunks
+    X = original.X.tocsr()
+    for a, b in [(0, 64), (64, 128), (10, 20), (120, 300), (0, 300), (299, 300), (5, 5)]:
+        assert (rows[a:b] != X[a:b]).nnz == 0, (a, b)
+    out = tmp_path / "emb.h5ad"
+    result = embed_file(source, str(model_dir), out, device="cpu", chunk_cells=CHUNK, progress=False)
+    assert result.computed == 5
+    written = ad.read_h5ad(out)
+    np.testing.assert_allclose(written.obsm["X_cellfm"], one_process, atol=1e-6, rtol=0)
+    assert (written.X != X).nnz == 0 and list(written.var["gene_symbols"]) == list(original.var_names)
+    assert list(written.obs_names) == list(original.obs_names)

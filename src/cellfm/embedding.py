@@ -117,13 +117,13 @@ def iter_first_rows(matrix, n: int = 200):
 
 
 def expressed_matched_genes(adata: ad.AnnData, columns: np.ndarray, layer: str | None,
-                            chunk: int = 4096) -> np.ndarray:
+                            chunk: int = 4096, matrix=None) -> np.ndarray:
     """Number of expressed (non-zero) matched genes per cell, read in row chunks. (n_cells,)"""
     import scipy.sparse as sp
 
     from cellfm.tokenizer import count_matrix
 
-    X = count_matrix(adata, layer)
+    X = count_matrix(adata, layer) if matrix is None else matrix
     n = adata.n_obs
     out = np.zeros(n, dtype=np.int64)
     for a in range(0, n, chunk):
@@ -270,8 +270,9 @@ class EmbeddingPlan:
 
 def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_key: str | None,
                    key_added: str, max_genes: int | None, empty: str, seed: int,
-                   allow_non_integer: bool) -> EmbeddingPlan:
-    """Check the counts and match the genes (reading `adata` in row chunks); raise on bad input."""
+                   allow_non_integer: bool, matrix=None) -> EmbeddingPlan:
+    """Check the counts and match the genes (reading `adata` in row chunks); raise on bad input.
+    `matrix`: the counts when `adata` holds only obs and var (`cellfm.io.open_rows`)."""
     from cellfm.tokenizer import check_counts, count_matrix
     from cellfm.wording import arg, in_cli
 
@@ -295,10 +296,11 @@ def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_
         fix = f"pass {' or '.join(arg('layer', o) for o in others)} (raw counts found in {places})"
     with warnings.catch_warnings():  # empty cells are handled below, by `empty`
         warnings.filterwarnings("ignore", message=r".* cells have no counts")
-        check_counts(count_matrix(adata, layer), allow_non_integer=allow_non_integer, where=where, fix=fix)
+        counts = count_matrix(adata, layer) if matrix is None else matrix
+        check_counts(counts, allow_non_integer=allow_non_integer, where=where, fix=fix)
 
     columns = np.flatnonzero(mapping.token_ids > 0)
-    n_expressed = expressed_matched_genes(adata, columns, layer)
+    n_expressed = expressed_matched_genes(adata, columns, layer, matrix=matrix)
     empty_cells = np.flatnonzero(n_expressed == 0)
     if len(empty_cells) and empty == "raise":
         filt = "" if in_cli() else ", e.g. `sc.pp.filter_cells(adata, min_genes=1)` on the matched genes,"

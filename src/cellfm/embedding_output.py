@@ -19,15 +19,17 @@ import numpy as np
 if TYPE_CHECKING:
     import anndata as ad
     import pandas as pd
+    import scipy.sparse as sp
 
 
 def write_streamed(out: Path, chunks: Iterable[np.ndarray], *, n_cells: int, d_model: int, key: str,
                    uns: dict, obs_names: pd.Index, base: Path | ad.AnnData | None,
-                   overwrite: bool = False) -> Path:
+                   x_blocks: Iterable[sp.csr_matrix] | None = None, overwrite: bool = False) -> Path:
     """`chunks` (rows in order, (rows, d_model) float32 each) into `out`.
 
     base None: only cell names + embedding (.h5ad or .parquet by the name of `out`); an .h5ad
-    path: a copy of that file plus obsm; an AnnData: that AnnData plus obsm.
+    path: a copy of that file plus obsm; an AnnData: that AnnData plus obsm, with X written from
+    `x_blocks` (row chunks in order) when given.
     """
     from cellfm.io import write_atomically
 
@@ -44,9 +46,26 @@ def write_streamed(out: Path, chunks: Iterable[np.ndarray], *, n_cells: int, d_m
             shutil.copyfile(base, tmp)
         else:
             base.write_h5ad(tmp)
+            if x_blocks is not None:
+                _append_x(tmp, x_blocks)
         _append_obsm(tmp, chunks, n_cells, d_model, key, uns)
 
     return write_atomically(out, write, overwrite=overwrite)
+
+
+def _append_x(path: Path, blocks: Iterable[sp.csr_matrix]) -> None:
+    """X as a CSR matrix written block by block (anndata's sparse append)."""
+    import h5py
+    from anndata.io import sparse_dataset, write_elem
+
+    with h5py.File(path, "a") as f:
+        if "X" in f:
+            del f["X"]
+        for block in blocks:
+            if "X" in f:
+                sparse_dataset(f["X"]).append(block.tocsr())
+            else:
+                write_elem(f, "X", block.tocsr())
 
 
 def _append_obsm(path: Path, chunks: Iterable[np.ndarray], n_cells: int, d_model: int, key: str,

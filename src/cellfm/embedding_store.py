@@ -10,7 +10,8 @@ barrier is the only collective), rank 0 streams the chunks into `obsm` of OUT
 (`cellfm.embedding_output`) and removes the parts folder.
 
 Memory is one chunk of counts plus one batch of activations, whatever the number of cells: an
-.h5ad is read backed, in row chunks. 10x and loom inputs are read whole (`cellfm.io.read_cells`).
+.h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), in
+row chunks (a 10x .mtx has no row index: its reader loads it whole).
 The chunk grid does not depend on the number of processes, so 1 and N processes give the same
 embeddings. This module does not judge counts (`embedding.plan_embedding` does).
 """
@@ -161,7 +162,7 @@ def embed_file(
     """
     from cellfm.embedding import embed_batch, on_device, plan_embedding, resolve_device, resolve_model
     from cellfm.embedding_output import write_streamed
-    from cellfm.io import check_output, input_format, read_cells
+    from cellfm.io import check_output, input_format, open_rows, read_cells
     from cellfm.tokenizer import chunk_batches, count_matrix
     from cellfm.training.distributed import barrier, join_process_group
     from cellfm.wording import arg
@@ -181,7 +182,12 @@ def embed_file(
     created = join_process_group(dev)
     adata = None
     try:
-        adata = read_cells(path, backed=input_format(path) == "h5ad")
+        is_h5ad = input_format(path) == "h5ad"
+        if is_h5ad:
+            adata = read_cells(path, backed=True)
+            rows = None
+        else:  # 10x, loom: obs + var now, counts by row slices
+            adata, rows = open_rows(path)
         source = adata.raw.to_adata() if layer == "raw" and adata.raw is not None else adata
         if layer == "raw" and adata.raw is None:
             raise ValueError(f"{arg('layer', 'raw')} was asked for but the input has no .raw")
@@ -191,7 +197,7 @@ def embed_file(
         model = resolve_model(model)
         plan = plan_embedding(source, model, layer=layer_in_source, gene_key=gene_key, key_added=key_added,
                               max_genes=max_genes, empty=empty, seed=seed,
-                              allow_non_integer=allow_non_integer)
+                              allow_non_integer=allow_non_integer, matrix=rows)
         if layer == "raw":
             plan.uns["layer"] = "raw"
         n, d = source.n_obs, model.config.d_model
@@ -205,7 +211,7 @@ def embed_file(
         mine = chunk_ranges(n, chunk_cells, rank, world)
         computed = skipped = 0
         column_ids = np.asarray(plan.mapping.token_ids, dtype=np.int64)
-        matrix = count_matrix(source, layer_in_source)
+        matrix = count_matrix(source, layer_in_source) if rows is None else rows
         bar = _progress(progress and rank == 0, sum(b - a for _, a, b in mine))
         stopped = False
         try:
@@ -221,8 +227,8 @@ def embed_file(
                     emb = np.zeros((b - a, d), dtype=np.float32)  # empty cells stay zero
                     for batch in chunk_batches(read_rows(matrix, a, b), column_ids, a, batch_size=batch_size,
                                                max_genes=plan.max_genes, seed=seed):
-                        rows, cls = embed_batch(module, batch, dev)
-                        emb[rows - a] = cls
+                        index, cls = embed_batch(module, batch, dev)
+                        emb[index - a] = cls
                     save_chunk(parts, k, emb)
                     computed += 1
                     bar.update(b - a)
@@ -236,10 +242,11 @@ def embed_file(
         written = None
         if rank == 0:
             chunks = (np.load(chunk_path(parts, k)) for k in range(n_chunks))
-            base = path if input_format(path) == "h5ad" else adata
+            base = path if is_h5ad else adata
+            x_blocks = None if is_h5ad or obsm_only else (m for _, m in rows.source.chunks(8192))
             written = write_streamed(out, chunks, n_cells=n, d_model=d, key=key_added, uns=plan.uns,
                                      obs_names=adata.obs_names, base=None if obsm_only else base,
-                                     overwrite=overwrite)
+                                     x_blocks=x_blocks, overwrite=overwrite)
             shutil.rmtree(parts)
         return EmbedFileResult(written, n, n_chunks, computed, skipped, plan.uns)
     finally:
