@@ -25,6 +25,7 @@ real tokens only (padding is not counted as useful work).
     python benchmarks/embed.py                       # small + 80m, 256 cells, sweep on small
     python benchmarks/embed.py --cellfm-torch /tmp/official/CellFM-torch
     python benchmarks/embed.py --vs-port /tmp/cellfm-torch --threads 1 --cells 16 --rounds 3
+    python benchmarks/embed.py --many-cells 100000 --threads 1   # flat memory (embed_many_cells.py)
 """
 
 from __future__ import annotations
@@ -400,9 +401,16 @@ def main() -> None:
     p.add_argument("--vs-preset", default="80m")
     p.add_argument("--rounds", type=int, default=3, help="--vs-port rounds (>= 3)")
     p.add_argument("--no-padded", action="store_true", help="--vs-port: skip the port padded to 2048")
+    p.add_argument("--many-cells", type=int, default=None, metavar="N",
+                   help="only: peak RSS of streaming embed_file for 1,000 vs N synthetic cells (tiny model)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    if args.many_cells:
+        from embed_many_cells import run as many_cells
+
+        many_cells(args.many_cells, args.threads, in_fresh_process)
+        return
     if args.vs_port:
         vs_port(args)
         return

@@ -13,6 +13,7 @@ _LAZY = {
     "CellFM": "cellfm.cellfm",
     "load": "cellfm.cellfm",
     "embed": "cellfm.embedding",
+    "embed_file": "cellfm.embedding_store",
     "get_gene_embeddings": "cellfm.embedding",
 }
 
@@ -25,5 +26,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'cellfm' has no attribute {name!r}")
 
 
-__all__ = ["CellBatch", "CellFM", "ModelConfig", "PRESETS", "get_preset", "load", "embed",
+__all__ = ["CellBatch", "CellFM", "ModelConfig", "PRESETS", "get_preset", "load", "embed", "embed_file",
            "get_gene_embeddings"]

@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from cellfm.cellfm import CellFM
+    from cellfm.vocab.gene_mapping import GeneMapping
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +117,13 @@ def iter_first_rows(matrix, n: int = 200):
 
 
 def expressed_matched_genes(adata: ad.AnnData, columns: np.ndarray, layer: str | None,
-                            chunk: int = 4096) -> np.ndarray:
+                            chunk: int = 4096, matrix=None) -> np.ndarray:
     """Number of expressed (non-zero) matched genes per cell, read in row chunks. (n_cells,)"""
     import scipy.sparse as sp
 
     from cellfm.tokenizer import count_matrix
 
-    X = count_matrix(adata, layer)
+    X = count_matrix(adata, layer) if matrix is None else matrix
     n = adata.n_obs
     out = np.zeros(n, dtype=np.int64)
     for a in range(0, n, chunk):
@@ -196,8 +200,8 @@ def embed(
     >>> cellfm.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_cellfm")
     """
-    from cellfm.tokenizer import check_counts, count_matrix, iter_token_batches
-    from cellfm.wording import arg, in_cli
+    from cellfm.tokenizer import iter_token_batches
+    from cellfm.wording import arg
 
     if isinstance(adata, (str, Path)):
         from cellfm.io import read_cells
@@ -225,12 +229,58 @@ def embed(
         target.obsm[key_added] = result.obsm[key_added]
         target.uns["cellfm"] = {**result.uns["cellfm"], "layer": "raw"}
         return target if copy else None
+    model = resolve_model(model)
+    plan = plan_embedding(adata, model, layer=layer, gene_key=gene_key, key_added=key_added,
+                          max_genes=max_genes, empty=empty, seed=seed, allow_non_integer=allow_non_integer)
+    out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
+    done = np.zeros(adata.n_obs, dtype=bool)
+    batches = iter_token_batches(adata, plan.mapping, batch_size=batch_size, max_genes=plan.max_genes,
+                                 layer=layer, seed=seed)
+    bar = _progress(progress, adata.n_obs - len(plan.empty_cells))
+    try:
+        with on_device(model, dev) as module:
+            for batch in batches:
+                rows, cls = embed_batch(module, batch, dev)
+                out[rows] = cls
+                done[rows] = True
+                bar.update(len(rows))
+    finally:
+        bar.close()
+    missing = np.flatnonzero(~done)
+    if len(np.setdiff1d(missing, plan.empty_cells)):
+        raise RuntimeError(f"internal error: {len(missing)} cells were not embedded")
+
+    # a backed AnnData cannot be copied without a new file: copy=True loads it into memory
+    target = (adata.to_memory() if adata.isbacked else adata.copy()) if copy else adata
+    target.obsm[key_added] = out
+    target.uns["cellfm"] = plan.uns
+    return target if copy else None
+
+
+@dataclass
+class EmbeddingPlan:
+    """What is settled before the first forward pass: the gene mapping, the gene cap, the empty
+    cells, and the `uns["cellfm"]` record. Shared by `embed` and `cellfm.embedding_store`."""
+
+    mapping: GeneMapping
+    max_genes: int
+    empty_cells: np.ndarray  # (n_empty,) rows expressing no matched gene
+    uns: dict
+
+
+def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_key: str | None,
+                   key_added: str, max_genes: int | None, empty: str, seed: int,
+                   allow_non_integer: bool, matrix=None) -> EmbeddingPlan:
+    """Check the counts and match the genes (reading `adata` in row chunks); raise on bad input.
+    `matrix`: the counts when `adata` holds only obs and var (`cellfm.io.open_rows`)."""
+    from cellfm.tokenizer import check_counts, count_matrix
+    from cellfm.wording import arg, in_cli
+
     if layer is not None and layer not in adata.layers:
         raise KeyError(f"{arg('layer', layer)} is not a layer of the input (layers: {list(adata.layers)}"
                        f"{', and .raw' if adata.raw is not None else ''})")
     names = gene_names(adata, gene_key)
     refuse_duplicate_genes(names, gene_key)
-    model = resolve_model(model)
     config = model.config
     max_genes = config.max_genes if max_genes is None else int(max_genes)
 
@@ -246,10 +296,11 @@ def embed(
         fix = f"pass {' or '.join(arg('layer', o) for o in others)} (raw counts found in {places})"
     with warnings.catch_warnings():  # empty cells are handled below, by `empty`
         warnings.filterwarnings("ignore", message=r".* cells have no counts")
-        check_counts(count_matrix(adata, layer), allow_non_integer=allow_non_integer, where=where, fix=fix)
+        counts = count_matrix(adata, layer) if matrix is None else matrix
+        check_counts(counts, allow_non_integer=allow_non_integer, where=where, fix=fix)
 
     columns = np.flatnonzero(mapping.token_ids > 0)
-    n_expressed = expressed_matched_genes(adata, columns, layer)
+    n_expressed = expressed_matched_genes(adata, columns, layer, matrix=matrix)
     empty_cells = np.flatnonzero(n_expressed == 0)
     if len(empty_cells) and empty == "raise":
         filt = "" if in_cli() else ", e.g. `sc.pp.filter_cells(adata, min_genes=1)` on the matched genes,"
@@ -259,35 +310,7 @@ def embed(
             f"or pass {arg('empty', 'zero')} to give them a zero embedding"
         )
 
-    out = np.zeros((adata.n_obs, config.d_model), dtype=np.float32)
-    done = np.zeros(adata.n_obs, dtype=bool)
-    module = model.module
-    was_training, old_device = module.training, model.device
-    module.eval().to(dev)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
-    batches = iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=max_genes, layer=layer,
-                                 seed=seed)
-    bar = _progress(progress, adata.n_obs - len(empty_cells))
-    try:
-        with torch.inference_mode(), autocast:
-            for batch in batches:
-                batch = batch.to(dev, non_blocking=True)
-                cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask)  # (B, D)
-                rows = batch.cell_index.cpu().numpy()
-                out[rows] = cls.float().cpu().numpy()
-                done[rows] = True
-                bar.update(len(rows))
-    finally:
-        bar.close()
-        module.train(was_training).to(old_device)
-    missing = np.flatnonzero(~done)
-    if len(np.setdiff1d(missing, empty_cells)):
-        raise RuntimeError(f"internal error: {len(missing)} cells were not embedded")
-
-    # a backed AnnData cannot be copied without a new file: copy=True loads it into memory
-    target = (adata.to_memory() if adata.isbacked else adata.copy()) if copy else adata
-    target.obsm[key_added] = out
-    target.uns["cellfm"] = {
+    uns = {
         "model": {"vocabulary": config.vocabulary, **{k: v for k, v in config.to_dict().items()
                                                        if isinstance(v, (int, float, str, bool))}},
         "key_added": key_added,
@@ -299,7 +322,28 @@ def embed(
         **mapping.summary(),
         "n_dropped": int(len(mapping.token_ids) - mapping.n_matched),
     }
-    return target if copy else None
+    return EmbeddingPlan(mapping, max_genes, empty_cells, uns)
+
+
+@contextmanager
+def on_device(model: CellFM, dev: torch.device) -> Iterator[torch.nn.Module]:
+    """The model's module in eval mode on `dev`; its mode and device are restored afterwards."""
+    module = model.module
+    was_training, old_device = module.training, model.device
+    module.eval().to(dev)
+    try:
+        yield module
+    finally:
+        module.train(was_training).to(old_device)
+
+
+def embed_batch(module: torch.nn.Module, batch, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, CLS embeddings (B, D) float32) of one CellBatch; bf16 autocast on CUDA."""
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
+    with torch.inference_mode(), autocast:
+        batch = batch.to(dev, non_blocking=True)
+        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask)  # (B, D)
+        return batch.cell_index.cpu().numpy(), cls.float().cpu().numpy()
 
 
 def get_gene_embeddings(
@@ -359,7 +403,7 @@ def match_genes(names: pd.Index, model: CellFM):
             "orthologs first"
         )
     if len(names) >= 200 and mapping.n_matched < 1000:
-        warnings.warn(f"{mapping}: a restricted gene panel gives a less informed embedding", stacklevel=3)
+        warnings.warn(f"{mapping}: a restricted gene panel gives a less informed embedding", stacklevel=4)
     matched = mapping.how[mapping.token_ids > 0]
     if (matched == "case").mean() > 0.5:
         example = ", ".join(repr(g) for g in mapping.names[mapping.how == "case"][:5])

@@ -60,7 +60,6 @@ def read_cells(path: str | Path, *, backed: bool = False) -> ad.AnnData:
 
 def _from_source(path: Path) -> ad.AnnData:
     import anndata as ad
-    import pandas as pd
     import scipy.sparse as sp
 
     from cellfm.corpus.readers import open_source
@@ -68,6 +67,65 @@ def _from_source(path: Path) -> ad.AnnData:
     src = open_source(path)
     blocks = [m for _, m in src.chunks(8192)]
     X = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(src.var_names)))
+    cells = _cells_of(src)
+    return ad.AnnData(X=X, obs=cells.obs, var=cells.var)
+
+
+def open_rows(path: str | Path) -> tuple[ad.AnnData, SourceRows]:
+    """A 10x folder / .h5 or .loom as (AnnData of obs and var only, its counts by row slices):
+    the same names as `read_cells`, without reading the matrix."""
+    from cellfm.corpus.readers import open_source
+
+    try:
+        src = open_source(Path(path))
+    except (OSError, KeyError, ValueError, StopIteration, EOFError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"could not read {path} ({reason}): is the file complete and not "
+                         "truncated?") from None
+    return _cells_of(src), SourceRows(src)
+
+
+class SourceRows:
+    """The counts of a corpus `CountSource` as a matrix sliced by rows (`rows[a:b]` -> CSR),
+    read forward one chunk at a time; asking for rows before the current chunk starts the file
+    again. Passes over the file in row order (checks, embedding) hold one chunk in memory."""
+
+    def __init__(self, source, chunk_size: int = 4096):
+        self.source, self.chunk_size = source, chunk_size
+        self.shape = (source.n_cells, len(source.var_names))
+        self._chunks, self._start, self._block = None, 0, self._empty()
+
+    def _empty(self):
+        import scipy.sparse as sp
+
+        return sp.csr_matrix((0, len(self.source.var_names)), dtype=np.float32)
+
+    def __getitem__(self, key: slice):
+        import scipy.sparse as sp
+
+        if not isinstance(key, slice) or key.step not in (None, 1):
+            raise TypeError("SourceRows supports row slices a:b only")
+        a, b, _ = key.indices(self.shape[0])
+        if self._chunks is None or a < self._start:
+            self._chunks, self._start, self._block = self.source.chunks(self.chunk_size), 0, self._empty()
+        parts = []
+        while True:
+            end = self._start + self._block.shape[0]
+            lo, hi = max(a, self._start), min(b, end)
+            if lo < hi:
+                parts.append(self._block[lo - self._start : hi - self._start])
+            if b <= end:
+                break
+            self._start, block = next(self._chunks)
+            self._block = sp.csr_matrix(block)
+        return sp.vstack(parts, format="csr") if parts else self._empty()
+
+
+def _cells_of(src) -> ad.AnnData:
+    """obs and var (no X) of a CountSource, named as `read_cells` names them."""
+    import anndata as ad
+    import pandas as pd
+
     symbols = pd.Index(np.asarray(src.var_names, dtype=str))
     var = pd.DataFrame({"gene_symbols": symbols})
     if src.var_ids is not None:
@@ -78,7 +136,7 @@ def _from_source(path: Path) -> ad.AnnData:
     var.index = names
     obs = src.obs.copy() if len(src.obs.columns) else pd.DataFrame(index=range(src.n_cells))
     obs.index = pd.Index(np.asarray(src.cell_ids, dtype=str))
-    return ad.AnnData(X=X, obs=obs, var=var)
+    return ad.AnnData(obs=obs, var=var)
 
 
 def check_output(path: Path, *, overwrite: bool) -> None:

@@ -1,7 +1,8 @@
 """`cellfm embed INPUT -o OUT.h5ad`: cell embeddings into obsm["X_cellfm"].
 
-A thin layer over `cellfm.embed`: read (h5ad, 10x folder / .h5, loom), embed, print the
-gene-matching report, write atomically. Bad input ends the command with one line naming the
+A thin layer over `cellfm.embed_file`: read (h5ad backed, in row chunks; 10x folder / .h5, loom),
+embed chunk by chunk into OUT.parts/ (resumable; split across processes under `torchrun`), merge
+into OUT atomically, print the gene-matching report. Bad input ends the command with one line naming the
 problem and the flag that fixes it (exit 2 for bad arguments, 1 for bad data or models, 130 on
 Ctrl-C), never a traceback; the input file is only read.
 """
@@ -44,21 +45,23 @@ def embed(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace OUT if it exists.")] = False,
     threads: Annotated[int | None, typer.Option(
         metavar="N", show_default=False, help="CPU threads for torch (default: torch's choice).")] = None,
-    backed: Annotated[bool, typer.Option("--backed", help="Read an .h5ad backed, in row chunks (large "
-                                         "files).")] = False,
+    backed: Annotated[bool, typer.Option("--backed", help="Kept for old scripts: an .h5ad is always "
+                                         "read backed, in row chunks.")] = False,
+    chunk_cells: Annotated[int, typer.Option(
+        metavar="N", help="Cells read, embedded and saved at a time (the unit of resuming).")] = 8192,
 ) -> None:
     """Embed every cell of a count file with a CellFM model."""
     with run_cli() as console, one_line_warnings(console):
         _embed(console, input, output, model, device, batch_size, layer, gene_key, empty, allow_non_integer,
-               obsm_only, overwrite, threads, backed)
+               obsm_only, overwrite, threads, backed, chunk_cells)
 
 
 def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int, layer: str | None,
            gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
-           threads: int | None, backed: bool) -> None:
+           threads: int | None, backed: bool, chunk_cells: int) -> None:
     import time
 
-    from cellfm.io import FORMATS, check_output, input_format, write_embedding, write_h5ad
+    from cellfm.io import FORMATS, check_output, input_format
 
     if not input.exists():
         fail(f"input {input} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom path", 2)
@@ -74,6 +77,8 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
         fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
     if threads is not None and threads < 1:
         fail(f"--threads {threads}: give at least 1", 2)
+    if chunk_cells < 1 or batch_size < 1:
+        fail(f"--chunk-cells {chunk_cells} / --batch-size {batch_size}: give at least 1", 2)
     try:
         check_output(output, overwrite=overwrite)
     except FileExistsError:
@@ -81,12 +86,13 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     except OSError as err:
         fail(str(err), 2)
 
+    import os
+
     import torch
 
     from cellfm.cellfm import load
-    from cellfm.embedding import embed as embed_adata
     from cellfm.embedding import resolve_device
-    from cellfm.io import read_cells
+    from cellfm.embedding_store import embed_file, parts_folder
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -95,32 +101,33 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     except ValueError as err:
         fail(str(err), 2)
     try:
-        adata = read_cells(input, backed=backed)
-    except (OSError, ValueError) as err:
-        fail(str(err))
-    try:
         cfm = load(model)
     except Exception as err:  # noqa: BLE001 - checkpoint readers raise many types for bad files
         fail(f"could not load --model {model}: {_first_line(err)}")
 
+    stop = os.environ.get("CELLFM_EMBED_STOP_AFTER_CHUNKS")  # test hook: simulate a killed run
     start = time.perf_counter()
     try:
-        # in place: a backed file is only read; obsm/uns live in memory until written to OUT
-        embed_adata(adata, cfm, batch_size=batch_size, device=device, layer=layer, gene_key=gene_key,
-                    empty=empty, allow_non_integer=allow_non_integer)
-    except (ValueError, KeyError) as err:
+        result = embed_file(input, cfm, output, obsm_only=obsm_only, batch_size=batch_size, device=device,
+                            layer=layer, gene_key=gene_key, empty=empty, allow_non_integer=allow_non_integer,
+                            chunk_cells=chunk_cells, overwrite=overwrite,
+                            stop_after_chunks=int(stop) if stop else None)
+    except (OSError, ValueError, KeyError) as err:
         fail(_first_line(err))
-    seconds = time.perf_counter() - start
-    print_report(console, adata.uns["cellfm"], adata.n_obs, seconds, model)
-    try:
-        if obsm_only:
-            write_embedding(adata, "X_cellfm", output, overwrite=overwrite)
-        else:
-            write_h5ad(adata, output, overwrite=overwrite)
     except KeyboardInterrupt:
-        raise Failure(f"interrupted while writing: {output} was not written", 130) from None
+        raise Failure(f"interrupted (Ctrl-C): {output} was not written; the finished chunks stay in "
+                      f"{parts_folder(output)} and the same command resumes from them", 130) from None
+    seconds = time.perf_counter() - start
+    rank = int(os.environ.get("RANK", "0"))
+    console.print(f"rank {rank}: embedded {result.computed} chunks, skipped {result.skipped} already done "
+                  f"(of {result.n_chunks})")
+    if result.output is None:  # rank > 0 (rank 0 writes OUT), or stopped by the test hook
+        if stop:
+            raise Failure(f"stopped after {stop} chunks (CELLFM_EMBED_STOP_AFTER_CHUNKS)", 3)
+        return
+    print_report(console, result.uns, result.n_cells, seconds, model)
     what = "cell names + obsm['X_cellfm']" if obsm_only else "the input + obsm['X_cellfm']"
-    console.print(f"wrote {output}: {what} {adata.obsm['X_cellfm'].shape}")
+    console.print(f"wrote {output}: {what} ({result.n_cells}, {result.uns['model']['d_model']})")
 
 
 def _first_line(err: BaseException) -> str:

@@ -66,11 +66,20 @@ def iter_token_batches(
     column_ids = np.asarray(mapping.token_ids, dtype=np.int64)
     matrix = count_matrix(adata, layer)
     for start, block in iter_row_chunks(matrix, chunk_size):
-        cells = tokenize_chunk(block, column_ids, start, max_genes=max_genes, seed=seed)
-        if sort_by_length:
-            cells.sort(key=lambda c: len(c[1]))
-        for b in range(0, len(cells), batch_size):
-            yield _pad(cells[b : b + batch_size])
+        yield from chunk_batches(block, column_ids, start, batch_size=batch_size, max_genes=max_genes,
+                                 sort_by_length=sort_by_length, seed=seed)
+
+
+def chunk_batches(
+    block: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, batch_size: int, max_genes: int,
+    sort_by_length: bool = True, seed: int = 0,
+) -> Iterator[CellBatch]:
+    """Batches of the cells of one row chunk (`first_row` = its first row in the whole input)."""
+    cells = tokenize_chunk(block, column_ids, first_row, max_genes=max_genes, seed=seed)
+    if sort_by_length:
+        cells.sort(key=lambda c: len(c[1]))
+    for b in range(0, len(cells), batch_size):
+        yield _pad(cells[b : b + batch_size])
 
 
 def _pad(cells: list[tuple[int, np.ndarray, np.ndarray, float]]) -> CellBatch:

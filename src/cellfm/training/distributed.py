@@ -41,15 +41,24 @@ def init_distributed(device: str = "auto", parallel: str = "none") -> DistEnv:
         dev = torch.device(f"cuda:{local}") if torch.cuda.is_available() else torch.device("cpu")
     else:
         dev = torch.device(device)
-    if "WORLD_SIZE" in os.environ and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    join_process_group(dev)
     if parallel != "none" and not dist.is_initialized():
         raise ValueError(f"parallel={parallel!r} needs a process group: launch with "
                          "`torchrun --nproc-per-node N -m cellfm.cli pretrain --config FILE` "
                          "(or set parallel='none')")
     return DistEnv(rank, world, local, dev)
+
+
+def join_process_group(dev: torch.device) -> bool:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when launched by torchrun.
+    True when this call created the group (the caller then destroys it)."""
+    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return False
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=int(os.environ.get("RANK", "0")),
+                            world_size=int(os.environ["WORLD_SIZE"]))
+    return True
 
 
 def wrap_model(module: nn.Module, parallel: str, env: DistEnv) -> nn.Module:

@@ -1,0 +1,272 @@
+"""Streaming, resumable, multi-process embedding of a count file: `embed_file(path, model, out)`.
+
+The cells are cut into a fixed grid of `chunk_cells` rows; under `torchrun` each rank takes a
+contiguous range of chunks (one process takes all of them: the same code path). Each chunk's
+embeddings go to `OUT.parts/chunk-000012.npy`, written to a temporary name and then renamed, so a
+file that exists is complete. `OUT.parts/index.json` records the input's identity (path, size,
+mtime), a fingerprint of the model and the settings: a restarted run skips the chunks already
+there, and a changed input, model or setting refuses to resume. When every rank is done (a
+barrier is the only collective), rank 0 streams the chunks into `obsm` of OUT
+(`cellfm.embedding_output`) and removes the parts folder.
+
+Memory is one chunk of counts plus one batch of activations, whatever the number of cells: an
+.h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), in
+row chunks (a 10x .mtx has no row index: its reader loads it whole).
+The chunk grid does not depend on the number of processes, so 1 and N processes give the same
+embeddings. This module does not judge counts (`embedding.plan_embedding` does).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from cellfm.cellfm import CellFM
+
+log = logging.getLogger(__name__)
+
+INDEX_FORMAT = 1
+
+
+@dataclass
+class EmbedFileResult:
+    """What one process did: `output` is None on ranks other than 0 and when stopped early."""
+
+    output: Path | None
+    n_cells: int
+    n_chunks: int
+    computed: int  # chunks this rank embedded
+    skipped: int  # chunks this rank found already done
+    uns: dict
+
+
+def parts_folder(out: str | Path) -> Path:
+    """Where the chunks of `out` are kept until the merge: OUT + ".parts"."""
+    out = Path(out)
+    return out.with_name(out.name + ".parts")
+
+
+def input_identity(path: Path) -> dict:
+    """Path, size and mtime of the input (for a 10x folder: of all files in it)."""
+    path = Path(path).resolve()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stats = [p.stat() for p in files]
+    return {"path": str(path), "size": sum(s.st_size for s in stats),
+            "mtime_ns": max((s.st_mtime_ns for s in stats), default=0)}
+
+
+def model_fingerprint(model: CellFM) -> str:
+    """A short hash of the config and of every weight's shape, sums and a strided sample."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    with torch.no_grad():
+        for name, p in model.module.state_dict().items():
+            flat = p.detach().flatten().double().cpu()
+            sample = flat[:: max(1, flat.numel() // 1024)]
+            digest.update(f"{name}{tuple(p.shape)}{flat.sum().item():.10e}{flat.abs().sum().item():.10e}".encode())
+            digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def chunk_ranges(n_cells: int, chunk_cells: int, rank: int, world: int) -> list[tuple[int, int, int]]:
+    """[(chunk index, first row, end row)] of this rank: contiguous chunks, balanced by count."""
+    n_chunks = -(-n_cells // chunk_cells)
+    mine = np.array_split(np.arange(n_chunks), world)[rank]
+    return [(int(k), int(k) * chunk_cells, min(n_cells, (int(k) + 1) * chunk_cells)) for k in mine]
+
+
+def chunk_path(parts: Path, k: int) -> Path:
+    return parts / f"chunk-{k:06d}.npy"
+
+
+def chunk_is_done(parts: Path, k: int, rows: int, d_model: int) -> bool:
+    path = chunk_path(parts, k)
+    if not path.exists():
+        return False
+    try:
+        return np.load(path, mmap_mode="r").shape == (rows, d_model)
+    except (OSError, ValueError):  # a damaged file: computed again
+        return False
+
+
+def save_chunk(parts: Path, k: int, emb: np.ndarray) -> None:
+    final = chunk_path(parts, k)
+    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}.npy")
+    try:
+        np.save(tmp, emb)
+        os.replace(tmp, final)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def open_index(parts: Path, record: dict, *, write: bool) -> None:
+    """Refuse to resume from chunks of another run; `write` (rank 0) creates the index."""
+    index = parts / "index.json"
+    if index.exists():
+        old = json.loads(index.read_text())
+        diff = [k for k in record if old.get(k) != record[k]]
+        if diff:
+            what = "; ".join(f"{k}: was {old.get(k)}, now {record[k]}" for k in diff)
+            raise ValueError(f"{parts} holds embeddings of another run ({what}); delete {parts} to start "
+                             "over, or restore the original input and model to resume")
+        return
+    if write:
+        parts.mkdir(exist_ok=True)
+        tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, index)
+
+
+def embed_file(
+    path: str | Path,
+    model: CellFM | str | Path,
+    out: str | Path,
+    *,
+    obsm_only: bool = False,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    layer: str | None = None,
+    key_added: str = "X_cellfm",
+    gene_key: str | None = None,
+    max_genes: int | None = None,
+    empty: Literal["raise", "zero"] = "raise",
+    seed: int = 0,
+    allow_non_integer: bool = False,
+    chunk_cells: int = 8192,
+    overwrite: bool = False,
+    progress: bool = True,
+    stop_after_chunks: int | None = None,
+) -> EmbedFileResult:
+    """Embed every cell of the file at `path` into `out`, streaming, on every torchrun rank.
+
+    `out` is an .h5ad holding the input plus `obsm[key_added]` (the input file is copied byte
+    for byte, never loaded), or with `obsm_only` an .h5ad / .parquet of cell names + embedding.
+    Other arguments as in `cellfm.embed`; `chunk_cells` rows are read, embedded and saved at a
+    time (the unit of resuming). `stop_after_chunks` (tests) stops after this many new chunks
+    per rank, leaving the parts folder to resume from.
+
+    Examples
+    --------
+    >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
+    $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
+    """
+    from cellfm.embedding import embed_batch, on_device, plan_embedding, resolve_device, resolve_model
+    from cellfm.embedding_output import write_streamed
+    from cellfm.io import check_output, input_format, open_rows, read_cells
+    from cellfm.tokenizer import chunk_batches, count_matrix
+    from cellfm.training.distributed import barrier, join_process_group
+    from cellfm.wording import arg
+
+    path, out = Path(path), Path(out)
+    if chunk_cells < 1 or batch_size < 1:
+        raise ValueError(f"{arg('chunk_cells', chunk_cells)} and {arg('batch_size', batch_size)} must be "
+                         "positive")
+    if empty not in ("raise", "zero"):
+        raise ValueError(f"{arg('empty', empty)} is not a choice: use {arg('empty', 'raise')} or "
+                         f"{arg('empty', 'zero')}")
+    check_output(out, overwrite=overwrite)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    dev = resolve_device(device)
+    if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
+        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    created = join_process_group(dev)
+    adata = None
+    try:
+        is_h5ad = input_format(path) == "h5ad"
+        if is_h5ad:
+            adata = read_cells(path, backed=True)
+            rows = None
+        else:  # 10x, loom: obs + var now, counts by row slices
+            adata, rows = open_rows(path)
+        source = adata.raw.to_adata() if layer == "raw" and adata.raw is not None else adata
+        if layer == "raw" and adata.raw is None:
+            raise ValueError(f"{arg('layer', 'raw')} was asked for but the input has no .raw")
+        layer_in_source = None if layer == "raw" else layer
+        if source.n_obs == 0:
+            raise ValueError("the input has no cells (0 rows): nothing to embed")
+        model = resolve_model(model)
+        plan = plan_embedding(source, model, layer=layer_in_source, gene_key=gene_key, key_added=key_added,
+                              max_genes=max_genes, empty=empty, seed=seed,
+                              allow_non_integer=allow_non_integer, matrix=rows)
+        if layer == "raw":
+            plan.uns["layer"] = "raw"
+        n, d = source.n_obs, model.config.d_model
+        parts = parts_folder(out)
+        record = {"format": INDEX_FORMAT, "input": input_identity(path), "model": model_fingerprint(model),
+                  "settings": {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes,
+                               "seed": seed, "empty": empty},
+                  "n_cells": n, "d_model": d, "chunk_cells": chunk_cells}
+        open_index(parts, record, write=rank == 0)
+        barrier()  # the index exists before any rank writes a chunk
+        mine = chunk_ranges(n, chunk_cells, rank, world)
+        computed = skipped = 0
+        column_ids = np.asarray(plan.mapping.token_ids, dtype=np.int64)
+        matrix = count_matrix(source, layer_in_source) if rows is None else rows
+        bar = _progress(progress and rank == 0, sum(b - a for _, a, b in mine))
+        stopped = False
+        try:
+            with on_device(model, dev) as module:
+                for k, a, b in mine:
+                    if chunk_is_done(parts, k, b - a, d):
+                        skipped += 1
+                        bar.update(b - a)
+                        continue
+                    if stop_after_chunks is not None and computed >= stop_after_chunks:
+                        stopped = True
+                        break
+                    emb = np.zeros((b - a, d), dtype=np.float32)  # empty cells stay zero
+                    for batch in chunk_batches(read_rows(matrix, a, b), column_ids, a, batch_size=batch_size,
+                                               max_genes=plan.max_genes, seed=seed):
+                        index, cls = embed_batch(module, batch, dev)
+                        emb[index - a] = cls
+                    save_chunk(parts, k, emb)
+                    computed += 1
+                    bar.update(b - a)
+        finally:
+            bar.close()
+        log.info("rank %d: %d chunks embedded, %d already done", rank, computed, skipped)
+        n_chunks = -(-n // chunk_cells)
+        if stopped:
+            return EmbedFileResult(None, n, n_chunks, computed, skipped, plan.uns)
+        barrier()  # every chunk is on disk
+        written = None
+        if rank == 0:
+            chunks = (np.load(chunk_path(parts, k)) for k in range(n_chunks))
+            base = path if is_h5ad else adata
+            x_blocks = None if is_h5ad or obsm_only else (m for _, m in rows.source.chunks(8192))
+            written = write_streamed(out, chunks, n_cells=n, d_model=d, key=key_added, uns=plan.uns,
+                                     obs_names=adata.obs_names, base=None if obsm_only else base,
+                                     x_blocks=x_blocks, overwrite=overwrite)
+            shutil.rmtree(parts)
+        return EmbedFileResult(written, n, n_chunks, computed, skipped, plan.uns)
+    finally:
+        if adata is not None and adata.isbacked:
+            adata.file.close()
+        if created:
+            torch.distributed.destroy_process_group()
+
+
+def read_rows(matrix, a: int, b: int):
+    """Rows a:b of a dense, sparse or backed matrix as CSR."""
+    import scipy.sparse as sp
+
+    block = matrix[a:b]
+    if hasattr(block, "to_memory"):  # anndata backed sparse dataset slice
+        block = block.to_memory()
+    return sp.csr_matrix(block)
+
+
+def _progress(enabled: bool, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="cellfm embed", unit="cell", disable=not enabled)
