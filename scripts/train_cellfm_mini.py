@@ -144,8 +144,8 @@ baseline.
 Frozen embeddings of labelled cells, 5-fold cross-validated 15-NN accuracy (Euclidean on the raw
 embedding) and logistic-regression accuracy, mean +- sd over 3 seeds
 (`python benchmarks/cell_identity.py`). pbmc3k was never in the corpus; pbmc4k and pbmc68k were,
-without their labels. "random init" is an untrained model of the same shape; PCA is scanpy's
-2,000 HVGs (seurat flavour), scale, 50 PCs.
+without their labels. "random init" is an untrained model of the same shape; PCA: 2,000 HVGs
+(seurat flavour), scaled, 50 PCs.
 
 {table}
 
