@@ -317,7 +317,7 @@ def evaluate(
     tasks: Annotated[
         str,
         typer.Option(
-            help="Comma-separated subset of: annotation, integration, "
+            help="Comma-separated subset of: cell_identity, annotation, integration, "
             "perturbation, gene_function, gene_network."
         ),
     ] = "",
