@@ -10,10 +10,9 @@ Cost O((Q + L) d^2): the Q x L matrix is never formed. Knows tensors only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cellfm.model.retention import GatedLinearUnit, MultiHeadRetention, head_rms_norm
+from cellfm.model.retention import GatedLinearUnit, MultiHeadRetention
 
 
 class CrossRetention(MultiHeadRetention):
@@ -22,22 +21,8 @@ class CrossRetention(MultiHeadRetention):
     def forward(  # type: ignore[override]
         self, x: torch.Tensor, y: torch.Tensor | None = None, key_mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        # x (B, Q, D) queries; y (B, L, D) keys/values; key_mask (B, L) float, 0 = not a key
-        y = x if y is None else y
-        B, Q, D = x.shape
-        L = y.shape[1]
-        h, hd = self.n_heads, self.head_dim
-        scale = hd**-0.5
-        q = F.relu(self.q_proj(x)).view(B, Q, h, hd).transpose(1, 2) * scale  # (B, h, Q, hd)
-        k = F.relu(self.k_proj(y)) * scale  # (B, L, D)
-        if key_mask is not None:
-            k = k * key_mask.unsqueeze(-1).to(k.dtype)
-        k = k.view(B, L, h, hd).transpose(1, 2)  # (B, h, L, hd)
-        v = self.v_proj(y).view(B, L, h, hd).transpose(1, 2)  # (B, h, L, hd)
-        o = head_rms_norm(q @ (k.transpose(-1, -2) @ v))  # (B, h, Q, hd)
-        u = F.silu(self.u_proj(x)).view(B, Q, h, hd).transpose(1, 2)
-        o = (o * u).transpose(1, 2).reshape(B, Q, D)
-        return self.o_proj(o)
+        # x (B, Q, D) queries and gates; y (B, L, D) keys/values; key_mask (B, L), 0 = not a key
+        return super().forward(x if y is None else y, key_mask, None, queries=x)  # (B, Q, D)
 
 
 class CrossRetentionLayer(nn.Module):

@@ -37,12 +37,13 @@ class MultiHeadRetention(nn.Module):
         self,
         x: torch.Tensor,
         key_mask: torch.Tensor | None,
-        len_scale: torch.Tensor,
+        len_scale: torch.Tensor | None,
         queries: torch.Tensor | None = None,
     ) -> torch.Tensor:
         # x (B, T, D) gives keys and values; key_mask (B, T) float, 0 removes a token from the keys;
-        # len_scale (B,). `queries` (B, S, D), default x: the rows whose output is wanted (Q, U and
-        # the output projection run on these only; the cell embedding needs just the CLS row).
+        # len_scale (B,) scales V (None: no scale, as the official cross-retention). `queries`
+        # (B, S, D), default x: the rows whose output is wanted (Q, U and the output projection run
+        # on these only; the cell embedding needs just the CLS row, cross-retention its query set).
         B, T, D = x.shape
         xq = x if queries is None else queries
         S = xq.shape[1]
@@ -53,7 +54,9 @@ class MultiHeadRetention(nn.Module):
         if key_mask is not None:
             k = k * key_mask.unsqueeze(-1)
         k = k.view(B, T, h, hd).transpose(1, 2)  # (B, h, T, hd)
-        v = self.v_proj(x) * len_scale.view(B, 1, 1)
+        v = self.v_proj(x)
+        if len_scale is not None:
+            v = v * len_scale.view(B, 1, 1)
         v = v.view(B, T, h, hd).transpose(1, 2)  # (B, h, T, hd)
         kv = k.transpose(-1, -2) @ v  # (B, h, hd, hd)
         o = head_rms_norm(q @ kv)  # (B, h, S, hd)
