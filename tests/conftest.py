@@ -28,3 +28,14 @@ def shared_data() -> Path:
             "or set CELLFM_DATA_DIR (see README, 'Test data')"
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved random `tiny` model (seed 0): fast stand-in for a real one in CLI tests (read only)."""
+    import torch
+
+    import cellfm
+
+    torch.manual_seed(0)
+    return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 import anndata as ad
-import pytest
-import torch
 from typer.testing import CliRunner
 
-import cellfm
 from cellfm.cli import _register, app
 
 _register()
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def test_demo_default_output_is_the_cache_not_the_current_folder(model_dir, tmp_path, monkeypatch):

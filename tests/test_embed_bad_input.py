@@ -40,12 +40,6 @@ def keep_torch_threads():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def cells() -> ad.AnnData:
     """Real raw counts: the first 40 bundled PBMCs, genes expressed in them."""
     adata = ad.read_h5ad(EXAMPLE_PATH)[:N_CELLS].copy()

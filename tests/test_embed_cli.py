@@ -29,12 +29,6 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def cells(shared_data, tmp_path_factory):
     backed = ad.read_h5ad(shared_data / "pbmc68k_reduced_scanpy/pbmc68k_reduced_counts.h5ad", backed="r")
     adata = backed[:80].to_memory()

@@ -23,12 +23,6 @@ N_CELLS, CHUNK = 300, 64  # 5 chunks: rank 0 takes 3, rank 1 takes 2
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
 def cells(shared_data, tmp_path_factory):
     backed = ad.read_h5ad(shared_data / "pbmc68k_reduced_scanpy/pbmc68k_reduced_counts.h5ad", backed="r")
     adata = backed[:N_CELLS].to_memory()
