@@ -230,24 +230,70 @@ def perturb(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (TSV tables).")],
     model: ModelOpt = "cellfm-mini",
     data_dir: DataDirOpt = None,
-    n_folds: int = 5,
+    method: Annotated[
+        str,
+        typer.Option(help="gears: GEARS, GEARS + CellFM gene tokens and the linear baselines on GEARS' "
+                     "splits (needs the gears extra); embedding: only the fast gene-embedding predictors "
+                     "(k-fold); auto: gears when installed."),
+    ] = "auto",
+    splits: Annotated[int, typer.Option(help="GEARS simulation splits (seeds 1..N).")] = 3,
+    epochs: Annotated[int, typer.Option(help="GEARS training epochs.")] = 10,
+    max_cells_per_condition: Annotated[
+        int, typer.Option(help="Cells kept per knock-out and of the controls (0: all; GEARS on CPU is slow).")
+    ] = 200,
+    n_folds: Annotated[int, typer.Option(help="Folds of the --method embedding predictors.")] = 5,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Predict held-out knock-out effects (Papalexi 2021 ECCITE-seq) from gene embeddings."""
-    from cellfm.tasks.benchmark_data import load_benchmark
-    from cellfm.tasks.perturbation import evaluate_perturbation
+    """Predict unseen knock-out effects (Papalexi 2021 ECCITE-seq): GEARS offline, GEARS + CellFM,
+    simple baselines."""
+    from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
 
+    if method not in ("auto", "gears", "embedding"):
+        _fail(f"--method {method!r} is not one of auto, gears, embedding", 2)
+    if splits < 1 or epochs < 1 or max_cells_per_condition < 0:
+        _fail("--splits and --epochs must be >= 1 and --max-cells-per-condition >= 0", 2)
+    if method != "embedding":
+        from cellfm.tasks.perturbation_gears import require_gears
+
+        try:
+            require_gears()
+            method = "gears"
+        except ImportError as err:
+            if method == "gears":
+                _fail(f"{err}; or run --method embedding", 2)
+            typer.echo(f"note: {err}; running --method embedding")
+            method = "embedding"
     _threads(threads)
     cfm = _load_model(model)
     try:
-        adata, ref = load_benchmark("papalexi", data_dir), load_benchmark("pbmc4k", data_dir)
+        adata = load_benchmark("papalexi", data_dir)
+        ref = load_benchmark("pbmc4k", data_dir) if method == "embedding" else None
+        go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
         _fail(str(err), 2)
-    r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds)
     output.mkdir(parents=True, exist_ok=True)
-    r["table"].to_csv(output / "perturbation_scores.tsv", sep="\t", index=False)
-    r["per_perturbation"].to_csv(output / "perturbation_per_knockout.tsv", sep="\t", index=False)
-    _print_table(r["table"], "held-out perturbations (mean over knock-outs)")
+    if method == "embedding":
+        from cellfm.tasks.perturbation import evaluate_perturbation
+
+        r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds)
+        _write_tsv(r["table"], output / "perturbation_scores.tsv")
+        _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
+        _print_table(r["table"], f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
+        return
+    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+    from cellfm.tasks.perturbation_gears import GearsConfig
+
+    cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
+    try:
+        r = evaluate_perturbation_gears(adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
+                                        log=typer.echo)
+    except FileNotFoundError as err:
+        _fail(str(err).replace("go_dir=", "--data-dir"), 2)
+    _write_tsv(r["table"], output / "perturbation_scores.tsv")
+    _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
+    _write_text(perturbation_markdown(r["table"]) + "\n", output / "perturbation_scores.md")
+    _print_table(r["table"][["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
+                 f"unseen knock-outs, GEARS simulation split x {splits} (mean over knock-outs and splits)")
 
 
 def gene_function(

@@ -111,7 +111,7 @@ def run_evaluation(
     if "perturbation" in tasks:
         section(
             "Perturbation effect prediction",
-            lambda: task.perturbation_section(model, data_dir, out, get_reference(), seed),
+            lambda: task.perturbation_section(model, data_dir, out, get_reference(), seed, quick, progress),
         )
     if "gene_function" in tasks:
         section(
@@ -138,8 +138,9 @@ def summary_table(results: dict) -> pd.DataFrame:
         if table is None or not len(table):
             return
         t = table.groupby(key, sort=False)[value].mean()
-        mine = t[[i for i in t.index if str(i).startswith(cellfm_rows)]]
-        base = t[[i for i in t.index if not str(i).startswith(cellfm_rows)]]
+        is_mine = cellfm_rows if callable(cellfm_rows) else (lambda name: name.startswith(cellfm_rows))
+        mine = t[[i for i in t.index if is_mine(str(i))]]
+        base = t[[i for i in t.index if not is_mine(str(i))]]
         if len(mine) and len(base):
             rows.append(
                 {
@@ -167,14 +168,13 @@ def summary_table(results: dict) -> pd.DataFrame:
     metric = ("scib-metrics Total" if scorer.startswith("scib-metrics")
               else "Total (approximate, no scib-metrics)")
     add("integration", metric, get("Batch integration", "table"), "method", "CellFM", "Total")
-    add(
-        "perturbation",
-        "Pearson, top-20 DE genes",
-        get("Perturbation effect prediction", "table"),
-        "method",
-        "CellFM",
-        "pearson_top_de",
-    )
+    if get("Perturbation effect prediction", "method") == "gears":
+        add("perturbation (unseen knock-outs)", "Pearson of Δ, top-20 DE genes",
+            get("Perturbation effect prediction", "table"), "method", lambda name: "CellFM" in name,
+            "pearson_delta_de")
+    else:
+        add("perturbation", "Pearson, top-20 DE genes", get("Perturbation effect prediction", "table"),
+            "method", "CellFM", "pearson_top_de")
     add(
         "gene function (binary)",
         "AUROC, mean over tasks",

@@ -1,0 +1,160 @@
+"""GEARS offline: the GO graph builder, GEARS' PertData without network, our forward against
+GEARS' own, the CellFM gene-token path, the linear baselines and `cellfm perturb`."""
+
+from __future__ import annotations
+
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+import cellfm
+
+GENES = ["STAT1", "STAT2", "STAT3", "JAK2", "IFNGR1", "IFNGR2", "CD86", "MYC", "NOT_A_GENE"]
+
+
+@pytest.fixture(scope="module")
+def gene2go(shared_data):
+    from cellfm.tasks.go_graph import load_gene2go
+
+    return load_gene2go(shared_data / "go_annotations_org_hs_eg_db")
+
+
+def test_go_graph_is_gears_jaccard_rule_on_real_annotations(gene2go):
+    from cellfm.tasks.go_graph import GO_ROOTS, go_similarity_edges
+
+    assert not any(GO_ROOTS & terms for terms in gene2go.values())
+    edges = go_similarity_edges(GENES, gene2go, k=3)
+    assert "NOT_A_GENE" not in set(edges.source) | set(edges.target)
+    for s, t, w in edges.itertuples(index=False):
+        a, b = gene2go[s], gene2go[t]
+        assert w == pytest.approx(len(a & b) / len(a | b), abs=1e-6)
+        assert w > 0.1
+    assert edges.groupby("target").size().max() <= 4  # k + 1
+    self_w = edges[edges.source == edges.target].importance
+    assert len(self_w) == len(GENES) - 1 and np.allclose(self_w, 1.0)
+    # the strongest other neighbour of STAT1 is a fellow STAT, not MYC or CD86
+    stat1 = edges[(edges.target == "STAT1") & (edges.source != "STAT1")]
+    assert stat1.sort_values("importance").source.iloc[-1] in {"STAT2", "STAT3"}
+
+
+def test_linear_baseline_recovers_a_planted_linear_model():
+    from cellfm.tasks.perturbation_baselines import linear_model_predict
+
+    rng = np.random.default_rng(0)
+    n_genes, k, d = 50, 4, 6
+    G = np.linalg.qr(rng.normal(size=(n_genes, k)))[0]  # orthonormal gene directions
+    W, b = rng.normal(size=(k, d)), rng.normal(size=n_genes)
+    P = rng.normal(size=(40, d))
+    P -= P[:30].mean(0)  # embeddings centred on the training perturbations, as the benchmark passes them
+    Y = (G @ W @ P.T).T + b
+    pred = linear_model_predict(Y[:30], P[:30], P[30:], k=k, ridge=1e-8)
+    assert np.abs(pred - Y[30:]).max() < 1e-5
+    # a perturbation embedding with no signal predicts about the training mean
+    noise = linear_model_predict(Y[:30], rng.normal(size=(30, d)), P[30:], k=k, ridge=1e3)
+    assert np.abs(noise - Y[:30].mean(0)).max() < np.abs(Y[30:] - Y[:30].mean(0)).max() / 10
+
+
+@pytest.fixture(scope="module")
+def pert_data(shared_data, tmp_path_factory):
+    """GEARS PertData on 25 real cells per condition, built with every socket refused."""
+    pytest.importorskip("gears", reason="GEARS not installed: pip install 'cellfm[gears]'")
+    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.tasks.perturbation_gears import gears_input, prepare_pert_data
+
+    data = gears_input(load_benchmark("papalexi", shared_data), max_cells_per_condition=25)
+    np.random.seed(0)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("network used")))
+    try:
+        go_dir = shared_data / "go_annotations_org_hs_eg_db"
+        pdata = prepare_pert_data(data, tmp_path_factory.mktemp("gears"), go_dir)
+    finally:
+        mp.undo()
+    pdata.prepare_split("simulation", seed=1)
+    pdata.get_dataloader(8, test_batch_size=16)
+    return pdata
+
+
+def test_our_gears_forward_equals_gears_own(pert_data):
+    """With GEARS' own base embeddings (tokens=None) our forward must be GEARS_Model.forward."""
+    from gears import GEARS
+
+    from cellfm.tasks.gears_cell_tokens import gears_model_class
+    from cellfm.tasks.perturbation_gears import go_graph_tensors
+
+    torch.manual_seed(0)
+    g = GEARS(pert_data, device="cpu")
+    G_go, G_go_weight = go_graph_tensors(pert_data)
+    g.model_initialize(hidden_size=16, G_go=G_go, G_go_weight=G_go_weight)
+    theirs = g.model.eval()
+    ours = gears_model_class()(g.config).eval()
+    ours.load_state_dict(theirs.state_dict())
+    batch = next(iter(pert_data.dataloader["test_loader"]))
+    assert any(p != -1 for idx in batch.pert_idx for p in idx)
+    with torch.no_grad():
+        a, b = theirs(batch), ours(batch)
+    assert a.shape == b.shape == (batch.num_graphs, len(pert_data.gene_names))
+    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+
+
+def test_cellfm_gene_tokens_pair_with_the_right_control_cell(pert_data):
+    from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_tokens
+    from cellfm.tasks.perturbation_gears import GearsConfig, predicted_profiles, train_gears
+
+    torch.manual_seed(0)
+    model = cellfm.CellFM.from_preset("tiny")
+    ctrl = pert_data.ctrl_adata
+    X = ctrl.X.toarray()
+    genes = list(pert_data.adata.var_names)
+    tokens = control_gene_tokens(model, X, genes, batch_size=8, progress=False)
+    assert tokens.shape == (len(X), len(genes), model.config.d_model)
+    # the tokens of one cell are the encoder's gene outputs for that cell alone
+    from cellfm.tasks.perturbation import _map_to_vocab
+
+    ids = torch.as_tensor(_map_to_vocab(genes, model))[None]
+    with torch.no_grad():
+        mask = torch.ones_like(ids, dtype=torch.bool)
+        states, _ = model.module.eval().encode(ids, torch.as_tensor(X[3:4]), mask)
+    torch.testing.assert_close(tokens[3].float(), states[0, 1:], rtol=2e-3, atol=2e-3)
+    attach_control_index(pert_data, ctrl)
+    for graphs in pert_data.dataset_processed.values():
+        for gr in graphs[:5]:
+            np.testing.assert_array_equal(gr.x.reshape(-1).numpy(), X[int(gr.z)])
+    pert_data.get_dataloader(8, test_batch_size=16)
+    g = train_gears(pert_data, GearsConfig(epochs=1, hidden_size=16), tokens=tokens)
+    pred, truth = predicted_profiles(g)
+    assert set(pred.index) == {c for c in pert_data.set2conditions["test"] if c != "ctrl"}
+    assert np.isfinite(pred.to_numpy()).all() and not np.allclose(pred.to_numpy(), truth.to_numpy())
+
+
+def test_cli_perturb_runs_gears_offline(shared_data, tmp_path):
+    pytest.importorskip("gears", reason="GEARS not installed: pip install 'cellfm[gears]'")
+    import pandas as pd
+
+    out = tmp_path / "perturb"
+    r = _cli("perturb", "-o", str(out), "--model", "preset:tiny", "--data-dir", str(shared_data),
+             "--splits", "1", "--epochs", "1", "--max-cells-per-condition", "20", "--threads", "1")
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(out / "perturbation_scores.tsv", sep="\t")
+    assert {"GEARS", "GEARS + CellFM gene tokens", "mean of training perturbations",
+            "linear, P = GO annotations", "no change (control mean)"} <= set(table.method)
+    per = pd.read_csv(out / "perturbation_per_knockout.tsv", sep="\t")
+    assert per.groupby("method").size().nunique() == 1  # every method scored on the same knock-outs
+    assert per[per.method == "no change (control mean)"].pearson_delta.isna().all()
+    assert (out / "perturbation_scores.md").read_text().startswith("| method |")
+    assert "GEARS + CellFM gene tokens" in r.stdout
+    assert "Epoch" not in r.stdout + r.stderr  # GEARS' own prints are kept off the terminal
+
+
+def test_cli_perturb_refuses_bad_method(tmp_path):
+    r = _cli("perturb", "-o", str(tmp_path), "--method", "gnn")
+    assert r.returncode == 2 and "--method 'gnn'" in r.stderr and "Traceback" not in r.stderr
+
+
+def _cli(*args: str):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cellfm.cli", *args], capture_output=True, text=True)
