@@ -151,3 +151,27 @@ def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
     np.testing.assert_allclose(written.obsm["X_cellfm"], one_process, atol=1e-6, rtol=0)
     assert (written.X != X).nnz == 0 and list(written.var["gene_symbols"]) == list(original.var_names)
     assert list(written.obs_names) == list(original.obs_names)
+
+
+@pytest.mark.parametrize("case", ["negative", "empty_cells"])
+def test_bad_rows_of_one_rank_stop_both_ranks(case, cells, model_dir, tmp_path):
+    """Each rank checks only its own rows (rank 1: rows 192-299), yet both ranks stop with the
+    error of a full pass, before any chunk is embedded, and neither hangs."""
+    adata = ad.read_h5ad(cells)
+    X = adata.X.tolil()
+    if case == "negative":
+        X[250, X.rows[250][0]] = -2
+    else:
+        X[[200, 280]] = 0
+    adata.X = X.tocsr()
+    source = tmp_path / "bad.h5ad"
+    adata.write_h5ad(source)
+    out = tmp_path / "emb.h5ad"
+    proc = torchrun_embed(source, model_dir, out)
+    assert proc.returncode != 0 and not out.exists()
+    errors = [line for line in proc.text.splitlines() if line.startswith("error:")]
+    expected = ("has negative values" if case == "negative" else
+                f"2 of {N_CELLS} cells express none .*first: \\['{adata.obs_names[200]}', "
+                f"'{adata.obs_names[280]}'\\]")
+    assert len(errors) == 2 and all(re.search(expected, e) for e in errors), proc.text[-3000:]
+    assert not list(parts_folder(out).glob("chunk-*.npy"))

@@ -5,9 +5,11 @@ contiguous range of chunks (one process takes all of them: the same code path). 
 embeddings go to `OUT.parts/chunk-000012.npy`, written to a temporary name and then renamed, so a
 file that exists is complete. `OUT.parts/index.json` records the input's identity (path, size,
 mtime), a fingerprint of the model and the settings: a restarted run skips the chunks already
-there, and a changed input, model or setting refuses to resume. When every rank is done (a
-barrier is the only collective), rank 0 streams the chunks into `obsm` of OUT
-(`cellfm.embedding_output`) and removes the parts folder.
+there, and a changed input, model or setting refuses to resume. Each rank checks only its own
+rows; the ranks exchange their findings (all-gather) so that all raise the error one full pass
+would raise, before any embedding (`cellfm.embedding_plan`), and rank 0 alone fingerprints the
+model and checks the index. When every rank is done (a barrier), rank 0 streams the chunks into
+`obsm` of OUT (`cellfm.embedding_output`) and removes the parts folder.
 
 Memory is one chunk of counts plus one batch of activations, whatever the number of cells: an
 .h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), in
@@ -109,8 +111,8 @@ def save_chunk(parts: Path, k: int, emb: np.ndarray) -> None:
         raise
 
 
-def open_index(parts: Path, record: dict, *, write: bool) -> None:
-    """Refuse to resume from chunks of another run; `write` (rank 0) creates the index."""
+def open_index(parts: Path, record: dict) -> None:
+    """Refuse to resume from chunks of another run; else create the index (rank 0 only)."""
     index = parts / "index.json"
     if index.exists():
         old = json.loads(index.read_text())
@@ -120,11 +122,10 @@ def open_index(parts: Path, record: dict, *, write: bool) -> None:
             raise ValueError(f"{parts} holds embeddings of another run ({what}); delete {parts} to start "
                              "over, or restore the original input and model to resume")
         return
-    if write:
-        parts.mkdir(exist_ok=True)
-        tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, index)
+    parts.mkdir(exist_ok=True)
+    tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, index)
 
 
 def embed_file(
@@ -160,10 +161,12 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import embed_batch, on_device, plan_embedding, resolve_device, resolve_model
+    from cellfm.embedding import embed_batch, on_device, resolve_device, resolve_model
     from cellfm.embedding_output import write_streamed
+    from cellfm.embedding_plan import plan_embedding
     from cellfm.io import check_output, input_format, open_rows, read_cells
     from cellfm.tokenizer import chunk_batches, count_matrix
+    from cellfm.tokenizer.checks import read_rows
     from cellfm.training.distributed import barrier, join_process_group
     from cellfm.wording import arg
 
@@ -195,20 +198,29 @@ def embed_file(
         if source.n_obs == 0:
             raise ValueError("the input has no cells (0 rows): nothing to embed")
         model = resolve_model(model)
+        n, d = source.n_obs, model.config.d_model
+        mine = chunk_ranges(n, chunk_cells, rank, world)
         plan = plan_embedding(source, model, layer=layer_in_source, gene_key=gene_key, key_added=key_added,
                               max_genes=max_genes, empty=empty, seed=seed,
-                              allow_non_integer=allow_non_integer, matrix=rows)
+                              allow_non_integer=allow_non_integer, matrix=rows,
+                              rows=(mine[0][1], mine[-1][2]) if mine else (0, 0), gather=all_ranks)
         if layer == "raw":
             plan.uns["layer"] = "raw"
-        n, d = source.n_obs, model.config.d_model
         parts = parts_folder(out)
-        record = {"format": INDEX_FORMAT, "input": input_identity(path), "model": model_fingerprint(model),
-                  "settings": {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes,
-                               "seed": seed, "empty": empty},
-                  "n_cells": n, "d_model": d, "chunk_cells": chunk_cells}
-        open_index(parts, record, write=rank == 0)
-        barrier()  # the index exists before any rank writes a chunk
-        mine = chunk_ranges(n, chunk_cells, rank, world)
+        refused = None
+        if rank == 0:  # one process fingerprints the model and checks / creates the index
+            settings = {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes, "seed": seed,
+                        "empty": empty}
+            record = {"format": INDEX_FORMAT, "input": input_identity(path),
+                      "model": model_fingerprint(model), "settings": settings, "n_cells": n, "d_model": d,
+                      "chunk_cells": chunk_cells}
+            try:
+                open_index(parts, record)
+            except ValueError as err:
+                refused = err
+        refused = all_ranks(refused)[0]  # also a barrier: the index exists before any chunk is written
+        if refused is not None:
+            raise refused
         computed = skipped = 0
         column_ids = np.asarray(plan.mapping.token_ids, dtype=np.int64)
         matrix = count_matrix(source, layer_in_source) if rows is None else rows
@@ -256,14 +268,14 @@ def embed_file(
             torch.distributed.destroy_process_group()
 
 
-def read_rows(matrix, a: int, b: int):
-    """Rows a:b of a dense, sparse or backed matrix as CSR."""
-    import scipy.sparse as sp
-
-    block = matrix[a:b]
-    if hasattr(block, "to_memory"):  # anndata backed sparse dataset slice
-        block = block.to_memory()
-    return sp.csr_matrix(block)
+def all_ranks(obj: object) -> list:
+    """`obj` of every process in rank order (an all-gather over gloo / nccl; [obj] in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _progress(enabled: bool, total: int):
