@@ -146,12 +146,9 @@ def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_
     try:
         stats, empty_here = scan_counts(counts, columns, *(rows or (0, adata.n_obs)))
         found = (stats.without_cells(), empty_here)
-    except (OSError, ValueError, KeyError) as err:  # e.g. a truncated file: every process raises it
-        stats, found = None, err
-    parts = gather(found)
-    failed = next((p for p in parts if isinstance(p, BaseException)), None)
-    if failed is not None:
-        raise failed
+    except READ_ERRORS as err:
+        found = err
+    parts = raise_if_failed(gather(found))
     merged = CountStats.merge([p[0] for p in parts])
     if merged.non_integer:  # the per-cell totals and minima decide what the values are
         cells = gather((stats.totals, stats.minima))
@@ -171,8 +168,7 @@ def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_
         )
 
     uns = {
-        "model": {"vocabulary": config.vocabulary, **{k: v for k, v in config.to_dict().items()
-                                                       if isinstance(v, (int, float, str, bool))}},
+        "model": model_record(config),
         "key_added": key_added,
         "layer": layer or "X",
         "gene_key": gene_key or "var_names",
@@ -183,6 +179,24 @@ def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_
         "n_dropped": int(len(mapping.token_ids) - mapping.n_matched),
     }
     return EmbeddingPlan(mapping, max_genes, empty_cells, uns)
+
+
+def model_record(config) -> dict:
+    """The model's settings as `uns["cellfm"]["model"]` records them (scalars only)."""
+    return {"vocabulary": config.vocabulary, **{k: v for k, v in config.to_dict().items()
+                                                if isinstance(v, (int, float, str, bool))}}
+
+
+READ_ERRORS = (OSError, ValueError, KeyError)  # what reading a damaged or truncated file raises
+
+
+def raise_if_failed(parts: list) -> list:
+    """`parts` gathered from every process, unless reading failed in one of them (then it holds
+    the error): every process raises that error rather than wait for the one that stopped."""
+    failed = next((p for p in parts if isinstance(p, BaseException)), None)
+    if failed is not None:
+        raise failed
+    return parts
 
 
 def scan_counts(counts, columns: np.ndarray, a: int, b: int, chunk: int = 4096):

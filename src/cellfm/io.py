@@ -23,10 +23,13 @@ FORMATS = ".h5ad, a 10x matrix folder (matrix.mtx[.gz]), a 10x .h5 or a .loom"
 
 
 def input_format(path: Path) -> str | None:
-    """"h5ad", "10x_mtx", "10x_h5", "loom", or None for a format cellfm does not read."""
+    """"h5ad", "10x_mtx", "10x_h5", "loom", "corpus" (a folder from `cellfm corpus build`), or None
+    for a format cellfm does not read."""
+    from cellfm.corpus.matrix import is_corpus
+
     name = path.name.lower()
     if path.is_dir():
-        return "10x_mtx"
+        return "corpus" if is_corpus(path) else "10x_mtx"
     for suffix, fmt in ((".h5ad", "h5ad"), (".h5", "10x_h5"), (".loom", "loom")):
         if name.endswith(suffix):
             return fmt
@@ -48,6 +51,9 @@ def read_cells(path: str | Path, *, backed: bool = False) -> ad.AnnData:
     if fmt is None:
         raise ValueError(f"{path.name} is not a format cellfm reads ({FORMATS}); convert it to .h5ad "
                          "first, e.g. with scanpy.read_csv(...).write_h5ad(...)")
+    if fmt == "corpus":
+        raise ValueError(f"{path} is a corpus folder (`cellfm corpus build`), not a count file: embed it "
+                         "with `cellfm embed CORPUS -o OUT.parquet` or `cellfm.embed_file`")
     try:
         if fmt == "h5ad":
             return ad.read_h5ad(path, backed="r" if backed else None)
