@@ -92,9 +92,10 @@ def open_rows(path: str | Path) -> tuple[ad.AnnData, SourceRows]:
 
 
 class SourceRows:
-    """The counts of a corpus `CountSource` as a matrix sliced by rows (`rows[a:b]` -> CSR),
-    read forward one chunk at a time; asking for rows before the current chunk starts the file
-    again. Passes over the file in row order (checks, embedding) hold one chunk in memory."""
+    """The counts of a corpus `CountSource` as a matrix sliced by rows (`rows[a:b]` -> CSR).
+    Formats with a row index (10x .h5, loom) read just those rows; the others are read forward
+    one chunk at a time, and asking for rows before the current chunk starts the file again.
+    Passes over the file in row order (checks, embedding) hold one chunk in memory."""
 
     def __init__(self, source, chunk_size: int = 4096):
         self.source, self.chunk_size = source, chunk_size
@@ -112,6 +113,8 @@ class SourceRows:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("SourceRows supports row slices a:b only")
         a, b, _ = key.indices(self.shape[0])
+        if self.source.rows is not None:
+            return sp.csr_matrix(self.source.rows(a, max(a, b)), dtype=np.float32)
         if self._chunks is None or a < self._start:
             self._chunks, self._start, self._block = self.source.chunks(self.chunk_size), 0, self._empty()
         parts = []
