@@ -27,7 +27,8 @@ def embed(
         "-o", "--output", metavar="OUT", show_default=False,
         help="Output .h5ad (the input + obsm['X_cellfm']); with --obsm-only .h5ad or .parquet. A corpus "
         "INPUT is no AnnData to extend: it always gives cell names + embedding, as --obsm-only "
-        "(.parquet recommended; names are cell ids, '<input file>:<id>' where ids repeat).")],
+        "(.parquet recommended; names are the cell ids, prefixed by the input file name where ids "
+        "repeat across inputs).")],
     model: Annotated[str, typer.Option(
         "--model", metavar="NAME|PATH", help="Built-in model name, model folder or checkpoint.",
     )] = "cellfm-mini",
