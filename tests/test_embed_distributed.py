@@ -157,25 +157,28 @@ def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
     assert list(written.obs_names) == list(original.obs_names)
 
 
-@pytest.mark.parametrize("case", ["negative", "empty_cells"])
+@pytest.mark.parametrize("case", ["negative", "empty_cells", "log1p"])
 def test_bad_rows_of_one_rank_stop_both_ranks(case, cells, model_dir, tmp_path):
     """Each rank checks only its own rows (rank 1: rows 192-299), yet both ranks stop with the
-    error of a full pass, before any chunk is embedded, and neither hangs."""
+    error of a full pass, before any chunk is embedded, and neither hangs. log1p: the verdict
+    needs every rank's per-cell totals (the second exchange)."""
     adata = ad.read_h5ad(cells)
     X = adata.X.tolil()
     if case == "negative":
         X[250, X.rows[250][0]] = -2
-    else:
+    elif case == "empty_cells":
         X[[200, 280]] = 0
     adata.X = X.tocsr()
+    if case == "log1p":
+        adata.X = adata.X.astype(np.float32).log1p()
     source = tmp_path / "bad.h5ad"
     adata.write_h5ad(source)
     out = tmp_path / "emb.h5ad"
     proc = torchrun_embed(source, model_dir, out)
     assert proc.returncode != 0 and not out.exists()
     errors = [line for line in proc.text.splitlines() if line.startswith("error:")]
-    expected = ("has negative values" if case == "negative" else
-                f"2 of {N_CELLS} cells express none .*first: \\['{adata.obs_names[200]}', "
-                f"'{adata.obs_names[280]}'\\]")
+    expected = {"negative": "has negative values", "log1p": "look log-transformed",
+                "empty_cells": f"2 of {N_CELLS} cells express none .*first: \\['{adata.obs_names[200]}', "
+                               f"'{adata.obs_names[280]}'\\]"}[case]
     assert len(errors) == 2 and all(re.search(expected, e) for e in errors), proc.text[-3000:]
     assert not list(parts_folder(out).glob("chunk-*.npy"))
