@@ -16,7 +16,7 @@ Memory is one chunk of counts plus one batch of activations, whatever the number
 corpus folder by its memory-mapped shards, in row chunks (`cellfm.embedding_inputs`; a 10x .mtx
 has no row index: its reader loads it whole).
 The chunk grid does not depend on the number of processes, so 1 and N processes give the same
-embeddings. This module does not judge counts (`embedding.plan_embedding` does).
+embeddings. This module does not judge counts (`cellfm.embedding_plan` does).
 """
 
 from __future__ import annotations
@@ -211,7 +211,7 @@ def embed_file(
                       "chunk_cells": chunk_cells}
             try:
                 open_index(parts, record)
-            except ValueError as err:
+            except (OSError, ValueError) as err:  # the other ranks raise it too, rather than wait
                 refused = err
         refused = all_ranks(refused)[0]  # also a barrier: the index exists before any chunk is written
         if refused is not None:
