@@ -131,19 +131,23 @@ def test_changed_input_or_model_refuses_to_resume(cells, model_dir, tmp_path):
 
 
 def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
-    """A 10x .h5 is read through the corpus reader by row slices (checked across the reader's chunk
-    borders) and gives the embeddings of the same cells as .h5ad; the full output holds its counts."""
+    """A 10x .h5 is read through the corpus reader by row slices (its own row index; and, as for
+    formats without one, forward across the reader's chunk borders) and gives the embeddings of
+    the same cells as .h5ad; the full output holds its counts."""
+    from dataclasses import replace
+
     from test_embed_cli import write_10x_h5
 
     import cellfm.io as cio
 
     original = ad.read_h5ad(cells)
     source = write_10x_h5(original, tmp_path / "cells.h5")
-    _, rows = cio.open_rows(source)
-    rows.chunk_size = 50  # row slices across, before and after reader chunks
+    _, indexed = cio.open_rows(source)
+    forward = cio.SourceRows(replace(indexed.source, rows=None), chunk_size=50)
     X = original.X.tocsr()
-    for a, b in [(0, 64), (64, 128), (10, 20), (120, 300), (0, 300), (299, 300), (5, 5)]:
-        assert (rows[a:b] != X[a:b]).nnz == 0, (a, b)
+    for rows in (indexed, forward):
+        for a, b in [(0, 64), (64, 128), (10, 20), (120, 300), (0, 300), (299, 300), (5, 5)]:
+            assert (rows[a:b] != X[a:b]).nnz == 0, (a, b)
     out = tmp_path / "emb.h5ad"
     result = embed_file(source, str(model_dir), out, device="cpu", chunk_cells=CHUNK, progress=False)
     assert result.computed == 5
@@ -151,3 +155,30 @@ def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
     np.testing.assert_allclose(written.obsm["X_cellfm"], one_process, atol=1e-6, rtol=0)
     assert (written.X != X).nnz == 0 and list(written.var["gene_symbols"]) == list(original.var_names)
     assert list(written.obs_names) == list(original.obs_names)
+
+
+@pytest.mark.parametrize("case", ["negative", "empty_cells", "log1p"])
+def test_bad_rows_of_one_rank_stop_both_ranks(case, cells, model_dir, tmp_path):
+    """Each rank checks only its own rows (rank 1: rows 192-299), yet both ranks stop with the
+    error of a full pass, before any chunk is embedded, and neither hangs. log1p: the verdict
+    needs every rank's per-cell totals (the second exchange)."""
+    adata = ad.read_h5ad(cells)
+    X = adata.X.tolil()
+    if case == "negative":
+        X[250, X.rows[250][0]] = -2
+    elif case == "empty_cells":
+        X[[200, 280]] = 0
+    adata.X = X.tocsr()
+    if case == "log1p":
+        adata.X = adata.X.astype(np.float32).log1p()
+    source = tmp_path / "bad.h5ad"
+    adata.write_h5ad(source)
+    out = tmp_path / "emb.h5ad"
+    proc = torchrun_embed(source, model_dir, out)
+    assert proc.returncode != 0 and not out.exists()
+    errors = [line for line in proc.text.splitlines() if line.startswith("error:")]
+    expected = {"negative": "has negative values", "log1p": "look log-transformed",
+                "empty_cells": f"2 of {N_CELLS} cells express none .*first: \\['{adata.obs_names[200]}', "
+                               f"'{adata.obs_names[280]}'\\]"}[case]
+    assert len(errors) == 2 and all(re.search(expected, e) for e in errors), proc.text[-3000:]
+    assert not list(parts_folder(out).glob("chunk-*.npy"))

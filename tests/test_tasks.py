@@ -120,7 +120,7 @@ def test_token_state_cache_on_disk_equals_encoder(pbmc3k, tiny):
     (s_mem, m_mem), (s_disk, m_disk) = mem.batch(rows, "cpu"), disk.batch(rows, "cpu")
     assert torch.equal(s_mem, s_disk) and torch.equal(m_mem, m_disk)
     # the cached states are the encoder's own outputs (fp16 tokens), cell by cell, in adata order
-    from cellfm.embedding import match_genes
+    from cellfm.embedding_plan import match_genes
     from cellfm.tokenizer import iter_token_batches
 
     batch = next(iter(iter_token_batches(cells[rows], match_genes(cells.var_names, tiny), batch_size=3,

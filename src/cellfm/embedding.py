@@ -5,7 +5,9 @@ cells in row chunks (a backed AnnData is never densified), runs the encoder in b
 with similar numbers of expressed genes and writes the CLS output to `adata.obsm["X_cellfm"]` in
 the original row order. Nothing else in `adata` changes apart from `adata.uns["cellfm"]` (what
 was matched). `adata` may also be a path (.h5ad, 10x folder or .h5, .loom): the file is read
-with `cellfm.io.read_cells` and the new AnnData returned.
+with `cellfm.io.read_cells` and the new AnnData returned. The checks and the gene matching live
+in `cellfm.embedding_plan`; streaming a file to disk (resumable, under torchrun) in
+`cellfm.embedding_store`.
 
 Error messages name Python arguments (`layer='counts'`); the CLI runs the same checks and they
 name its flags instead (see `cellfm.wording`).
@@ -16,11 +18,8 @@ to `max_genes` genes with a fixed seed, so running `embed` twice gives the same 
 
 from __future__ import annotations
 
-import logging
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -32,9 +31,6 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from cellfm.cellfm import CellFM
-    from cellfm.vocab.gene_mapping import GeneMapping
-
-log = logging.getLogger(__name__)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -63,74 +59,6 @@ def resolve_model(model: CellFM | str | Path, device: torch.device | None = None
     if isinstance(model, CellFM):
         return model
     return load(model, device=device)
-
-
-def gene_names(adata: ad.AnnData, gene_key: str | None) -> pd.Index:
-    from cellfm.wording import arg, in_cli
-
-    if gene_key is None:
-        return pd.Index(adata.var_names.astype(str))
-    if gene_key not in adata.var.columns:
-        default = "leave out --gene-key" if in_cli() else "leave gene_key=None"
-        raise KeyError(
-            f"{arg('gene_key', gene_key)} is not a column of adata.var (columns: {list(adata.var.columns)}); "
-            f"{default} to use the var names"
-        )
-    return pd.Index(adata.var[gene_key].astype(str))
-
-
-def refuse_duplicate_genes(names: pd.Index, gene_key: str | None) -> None:
-    """Duplicated gene names would be resolved silently (first column wins): refuse them instead."""
-    from cellfm.wording import arg
-
-    dup = names[names.duplicated()].unique()
-    if len(dup):
-        where = f"adata.var[{gene_key!r}]" if gene_key else "the var names"
-        raise ValueError(
-            f"{len(dup)} gene names occur more than once in {where} (e.g. {list(dup[:3])}), so it is "
-            f"ambiguous which column to use: sum the duplicated genes, or pass "
-            f"{arg('gene_key', placeholder='column')} naming a column of unique gene ids (e.g. Ensembl)"
-        )
-
-
-def raw_count_alternatives(adata: ad.AnnData, layer: str | None) -> list[str]:
-    """Other places in `adata` (layers, .raw) whose first rows look like raw counts, as the
-    `layer` values that select them."""
-    from cellfm.corpus.input_checks import looks_like_raw_counts
-    from cellfm.tokenizer import count_matrix
-
-    found = []
-    for name in [*adata.layers.keys(), *(["raw"] if adata.raw is not None else [])]:
-        if name == (layer or None):
-            continue
-        first = next(iter_first_rows(count_matrix(adata, name)), None)
-        if first is not None and first.nnz and looks_like_raw_counts(first)[0]:
-            found.append(name)
-    return found
-
-
-def iter_first_rows(matrix, n: int = 200):
-    from cellfm.tokenizer import iter_row_chunks
-
-    for _, block in iter_row_chunks(matrix[: min(n, matrix.shape[0])], n):
-        yield block
-
-
-def expressed_matched_genes(adata: ad.AnnData, columns: np.ndarray, layer: str | None,
-                            chunk: int = 4096, matrix=None) -> np.ndarray:
-    """Number of expressed (non-zero) matched genes per cell, read in row chunks. (n_cells,)"""
-    import scipy.sparse as sp
-
-    from cellfm.tokenizer import count_matrix
-
-    X = count_matrix(adata, layer) if matrix is None else matrix
-    n = adata.n_obs
-    out = np.zeros(n, dtype=np.int64)
-    for a in range(0, n, chunk):
-        block = X[a : a + chunk]
-        block = block[:, columns] if len(columns) < adata.n_vars else block
-        out[a : a + chunk] = block.getnnz(axis=1) if sp.issparse(block) else (np.asarray(block) != 0).sum(1)
-    return out
 
 
 def embed(
@@ -200,6 +128,7 @@ def embed(
     >>> cellfm.embed(adata, model)
     >>> sc.pp.neighbors(adata, use_rep="X_cellfm")
     """
+    from cellfm.embedding_plan import plan_embedding
     from cellfm.tokenizer import iter_token_batches
     from cellfm.wording import arg
 
@@ -257,74 +186,6 @@ def embed(
     return target if copy else None
 
 
-@dataclass
-class EmbeddingPlan:
-    """What is settled before the first forward pass: the gene mapping, the gene cap, the empty
-    cells, and the `uns["cellfm"]` record. Shared by `embed` and `cellfm.embedding_store`."""
-
-    mapping: GeneMapping
-    max_genes: int
-    empty_cells: np.ndarray  # (n_empty,) rows expressing no matched gene
-    uns: dict
-
-
-def plan_embedding(adata: ad.AnnData, model: CellFM, *, layer: str | None, gene_key: str | None,
-                   key_added: str, max_genes: int | None, empty: str, seed: int,
-                   allow_non_integer: bool, matrix=None) -> EmbeddingPlan:
-    """Check the counts and match the genes (reading `adata` in row chunks); raise on bad input.
-    `matrix`: the counts when `adata` holds only obs and var (`cellfm.io.open_rows`)."""
-    from cellfm.tokenizer import check_counts, count_matrix
-    from cellfm.wording import arg, in_cli
-
-    if layer is not None and layer not in adata.layers:
-        raise KeyError(f"{arg('layer', layer)} is not a layer of the input (layers: {list(adata.layers)}"
-                       f"{', and .raw' if adata.raw is not None else ''})")
-    names = gene_names(adata, gene_key)
-    refuse_duplicate_genes(names, gene_key)
-    config = model.config
-    max_genes = config.max_genes if max_genes is None else int(max_genes)
-
-    mapping = match_genes(names, model)
-    log.info("cellfm gene matching: %s", mapping)
-    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    if in_cli():
-        where = "X" if layer is None else f"layer {layer!r}"
-    others = raw_count_alternatives(adata, layer)
-    fix = None
-    if others:
-        places = ", ".join("adata.raw" if o == "raw" else f"layers[{o!r}]" for o in others)
-        fix = f"pass {' or '.join(arg('layer', o) for o in others)} (raw counts found in {places})"
-    with warnings.catch_warnings():  # empty cells are handled below, by `empty`
-        warnings.filterwarnings("ignore", message=r".* cells have no counts")
-        counts = count_matrix(adata, layer) if matrix is None else matrix
-        check_counts(counts, allow_non_integer=allow_non_integer, where=where, fix=fix)
-
-    columns = np.flatnonzero(mapping.token_ids > 0)
-    n_expressed = expressed_matched_genes(adata, columns, layer, matrix=matrix)
-    empty_cells = np.flatnonzero(n_expressed == 0)
-    if len(empty_cells) and empty == "raise":
-        filt = "" if in_cli() else ", e.g. `sc.pp.filter_cells(adata, min_genes=1)` on the matched genes,"
-        raise ValueError(
-            f"{len(empty_cells)} of {adata.n_obs} cells express none of the {len(columns)} matched "
-            f"genes (first: {list(adata.obs_names[empty_cells[:3]])}); filter them out first{filt} "
-            f"or pass {arg('empty', 'zero')} to give them a zero embedding"
-        )
-
-    uns = {
-        "model": {"vocabulary": config.vocabulary, **{k: v for k, v in config.to_dict().items()
-                                                       if isinstance(v, (int, float, str, bool))}},
-        "key_added": key_added,
-        "layer": layer or "X",
-        "gene_key": gene_key or "var_names",
-        "max_genes": max_genes,
-        "seed": seed,
-        "n_empty_cells": int(len(empty_cells)),
-        **mapping.summary(),
-        "n_dropped": int(len(mapping.token_ids) - mapping.n_matched),
-    }
-    return EmbeddingPlan(mapping, max_genes, empty_cells, uns)
-
-
 @contextmanager
 def on_device(model: CellFM, dev: torch.device) -> Iterator[torch.nn.Module]:
     """The model's module in eval mode on `dev`; its mode and device are restored afterwards."""
@@ -361,6 +222,7 @@ def get_gene_embeddings(
     (n_vars, d_model) float32 for adata's genes mapped through the vocabulary, NaN where a gene
     does not match.
     """
+    from cellfm.embedding_plan import gene_names
     from cellfm.vocab import map_genes
 
     model = resolve_model(model)
@@ -383,36 +245,6 @@ def get_gene_embeddings(
         emb[adata_ids > 0] = table[adata_ids[adata_ids > 0]]
         adata.varm[varm_key] = emb
     return frame
-
-
-def match_genes(names: pd.Index, model: CellFM):
-    """map_genes onto the model's vocabulary, refusing mouse-case symbols (Cd3e) that would
-    otherwise match human genes only by ignoring case."""
-    from cellfm.vocab import map_genes
-    from cellfm.wording import arg
-
-    with warnings.catch_warnings():  # the panel warning is re-issued below only when genes match
-        warnings.simplefilter("ignore")
-        mapping = map_genes(names, model.vocab, min_genes=0)
-    if mapping.n_matched == 0:
-        example = ", ".join(repr(g) for g in names[:5])
-        raise ValueError(
-            f"none of the {len(names)} genes (e.g. {example}) match the model's vocabulary "
-            f"{model.vocab.name!r}: use human HGNC symbols or Ensembl gene ids (if they are in a column "
-            f"of adata.var, pass {arg('gene_key', placeholder='column')}); map mouse genes to human "
-            "orthologs first"
-        )
-    if len(names) >= 200 and mapping.n_matched < 1000:
-        warnings.warn(f"{mapping}: a restricted gene panel gives a less informed embedding", stacklevel=4)
-    matched = mapping.how[mapping.token_ids > 0]
-    if (matched == "case").mean() > 0.5:
-        example = ", ".join(repr(g) for g in mapping.names[mapping.how == "case"][:5])
-        raise ValueError(
-            f"{(matched == 'case').sum()} of {len(matched)} matched genes match the human vocabulary "
-            f"only when case is ignored (e.g. {example}): these look like mouse gene symbols. Map "
-            "them to human orthologs first (or fix the case if the data are human)."
-        )
-    return mapping
 
 
 class _null:

@@ -5,15 +5,18 @@ contiguous range of chunks (one process takes all of them: the same code path). 
 embeddings go to `OUT.parts/chunk-000012.npy`, written to a temporary name and then renamed, so a
 file that exists is complete. `OUT.parts/index.json` records the input's identity (path, size,
 mtime), a fingerprint of the model and the settings: a restarted run skips the chunks already
-there, and a changed input, model or setting refuses to resume. When every rank is done (a
-barrier is the only collective), rank 0 streams the chunks into `obsm` of OUT
-(`cellfm.embedding_output`) and removes the parts folder.
+there, and a changed input, model or setting refuses to resume. Each rank checks only its own
+rows; the ranks exchange their findings (all-gather) so that all raise the error one full pass
+would raise, before any embedding (`cellfm.embedding_plan`), and rank 0 alone fingerprints the
+model and checks the index. When every rank is done (a barrier), rank 0 streams the chunks into
+`obsm` of OUT (`cellfm.embedding_output`) and removes the parts folder.
 
 Memory is one chunk of counts plus one batch of activations, whatever the number of cells: an
-.h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), in
-row chunks (a 10x .mtx has no row index: its reader loads it whole).
+.h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), a
+corpus folder by its memory-mapped shards, in row chunks (`cellfm.embedding_inputs`; a 10x .mtx
+has no row index: its reader loads it whole).
 The chunk grid does not depend on the number of processes, so 1 and N processes give the same
-embeddings. This module does not judge counts (`embedding.plan_embedding` does).
+embeddings. This module does not judge counts (`cellfm.embedding_plan` does).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -48,6 +52,7 @@ class EmbedFileResult:
     computed: int  # chunks this rank embedded
     skipped: int  # chunks this rank found already done
     uns: dict
+    seconds: float = 0.0  # this rank's embedding phase: reading, tokenizing, the model, saving chunks
 
 
 def parts_folder(out: str | Path) -> Path:
@@ -109,8 +114,8 @@ def save_chunk(parts: Path, k: int, emb: np.ndarray) -> None:
         raise
 
 
-def open_index(parts: Path, record: dict, *, write: bool) -> None:
-    """Refuse to resume from chunks of another run; `write` (rank 0) creates the index."""
+def open_index(parts: Path, record: dict) -> None:
+    """Refuse to resume from chunks of another run; else create the index (rank 0 only)."""
     index = parts / "index.json"
     if index.exists():
         old = json.loads(index.read_text())
@@ -120,11 +125,10 @@ def open_index(parts: Path, record: dict, *, write: bool) -> None:
             raise ValueError(f"{parts} holds embeddings of another run ({what}); delete {parts} to start "
                              "over, or restore the original input and model to resume")
         return
-    if write:
-        parts.mkdir(exist_ok=True)
-        tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, index)
+    parts.mkdir(exist_ok=True)
+    tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, index)
 
 
 def embed_file(
@@ -149,8 +153,10 @@ def embed_file(
 ) -> EmbedFileResult:
     """Embed every cell of the file at `path` into `out`, streaming, on every torchrun rank.
 
-    `out` is an .h5ad holding the input plus `obsm[key_added]` (the input file is copied byte
-    for byte, never loaded), or with `obsm_only` an .h5ad / .parquet of cell names + embedding.
+    `path`: .h5ad, 10x folder or .h5, .loom, or a corpus folder from `cellfm corpus build`. `out`
+    is an .h5ad holding the input plus `obsm[key_added]` (the input file is copied byte for
+    byte, never loaded), or with `obsm_only` an .h5ad / .parquet of cell names + embedding; a
+    corpus is no AnnData to extend, so it always gives the latter (names: `CorpusMatrix.obs_names`).
     Other arguments as in `cellfm.embed`; `chunk_cells` rows are read, embedded and saved at a
     time (the unit of resuming). `stop_after_chunks` (tests) stops after this many new chunks
     per rank, leaving the parts folder to resume from.
@@ -160,10 +166,12 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import embed_batch, on_device, plan_embedding, resolve_device, resolve_model
+    from cellfm.embedding import embed_batch, on_device, resolve_device, resolve_model
+    from cellfm.embedding_inputs import open_input
     from cellfm.embedding_output import write_streamed
-    from cellfm.io import check_output, input_format, open_rows, read_cells
-    from cellfm.tokenizer import chunk_batches, count_matrix
+    from cellfm.io import check_output
+    from cellfm.tokenizer import chunk_batches
+    from cellfm.tokenizer.checks import read_rows
     from cellfm.training.distributed import barrier, join_process_group
     from cellfm.wording import arg
 
@@ -180,40 +188,39 @@ def embed_file(
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     created = join_process_group(dev)
-    adata = None
+    opened = None
     try:
-        is_h5ad = input_format(path) == "h5ad"
-        if is_h5ad:
-            adata = read_cells(path, backed=True)
-            rows = None
-        else:  # 10x, loom: obs + var now, counts by row slices
-            adata, rows = open_rows(path)
-        source = adata.raw.to_adata() if layer == "raw" and adata.raw is not None else adata
-        if layer == "raw" and adata.raw is None:
-            raise ValueError(f"{arg('layer', 'raw')} was asked for but the input has no .raw")
-        layer_in_source = None if layer == "raw" else layer
-        if source.n_obs == 0:
-            raise ValueError("the input has no cells (0 rows): nothing to embed")
         model = resolve_model(model)
-        plan = plan_embedding(source, model, layer=layer_in_source, gene_key=gene_key, key_added=key_added,
-                              max_genes=max_genes, empty=empty, seed=seed,
-                              allow_non_integer=allow_non_integer, matrix=rows)
-        if layer == "raw":
-            plan.uns["layer"] = "raw"
-        n, d = source.n_obs, model.config.d_model
+        d = model.config.d_model
+
+        def rows_of(n: int) -> tuple[int, int]:  # this rank's rows: its chunks of the grid
+            mine = chunk_ranges(n, chunk_cells, rank, world)
+            return (mine[0][1], mine[-1][2]) if mine else (0, 0)
+
+        opened = open_input(path, model, rows_of=rows_of, gather=all_ranks, layer=layer, gene_key=gene_key,
+                            key_added=key_added, max_genes=max_genes, empty=empty, seed=seed,
+                            allow_non_integer=allow_non_integer)
+        plan, n = opened.plan, opened.n_cells
         parts = parts_folder(out)
-        record = {"format": INDEX_FORMAT, "input": input_identity(path), "model": model_fingerprint(model),
-                  "settings": {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes,
-                               "seed": seed, "empty": empty},
-                  "n_cells": n, "d_model": d, "chunk_cells": chunk_cells}
-        open_index(parts, record, write=rank == 0)
-        barrier()  # the index exists before any rank writes a chunk
+        refused = None
+        if rank == 0:  # one process fingerprints the model and checks / creates the index
+            settings = {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes, "seed": seed,
+                        "empty": empty}
+            record = {"format": INDEX_FORMAT, "input": input_identity(path),
+                      "model": model_fingerprint(model), "settings": settings, "n_cells": n, "d_model": d,
+                      "chunk_cells": chunk_cells}
+            try:
+                open_index(parts, record)
+            except (OSError, ValueError) as err:  # the other ranks raise it too, rather than wait
+                refused = err
+        refused = all_ranks(refused)[0]  # also a barrier: the index exists before any chunk is written
+        if refused is not None:
+            raise refused
         mine = chunk_ranges(n, chunk_cells, rank, world)
         computed = skipped = 0
-        column_ids = np.asarray(plan.mapping.token_ids, dtype=np.int64)
-        matrix = count_matrix(source, layer_in_source) if rows is None else rows
         bar = _progress(progress and rank == 0, sum(b - a for _, a, b in mine))
         stopped = False
+        start = time.perf_counter()
         try:
             with on_device(model, dev) as module:
                 for k, a, b in mine:
@@ -225,8 +232,9 @@ def embed_file(
                         stopped = True
                         break
                     emb = np.zeros((b - a, d), dtype=np.float32)  # empty cells stay zero
-                    for batch in chunk_batches(read_rows(matrix, a, b), column_ids, a, batch_size=batch_size,
-                                               max_genes=plan.max_genes, seed=seed):
+                    for batch in chunk_batches(read_rows(opened.counts, a, b), opened.column_ids, a,
+                                               batch_size=batch_size, max_genes=plan.max_genes, seed=seed,
+                                               scaled=opened.scaled):
                         index, cls = embed_batch(module, batch, dev)
                         emb[index - a] = cls
                     save_chunk(parts, k, emb)
@@ -234,36 +242,37 @@ def embed_file(
                     bar.update(b - a)
         finally:
             bar.close()
+        seconds = time.perf_counter() - start
         log.info("rank %d: %d chunks embedded, %d already done", rank, computed, skipped)
         n_chunks = -(-n // chunk_cells)
         if stopped:
-            return EmbedFileResult(None, n, n_chunks, computed, skipped, plan.uns)
+            return EmbedFileResult(None, n, n_chunks, computed, skipped, plan.uns, seconds)
         barrier()  # every chunk is on disk
         written = None
         if rank == 0:
             chunks = (np.load(chunk_path(parts, k)) for k in range(n_chunks))
-            base = path if is_h5ad else adata
-            x_blocks = None if is_h5ad or obsm_only else (m for _, m in rows.source.chunks(8192))
+            full = not obsm_only and opened.base is not None
+            x_blocks = opened.x_blocks() if full and opened.x_blocks else None
             written = write_streamed(out, chunks, n_cells=n, d_model=d, key=key_added, uns=plan.uns,
-                                     obs_names=adata.obs_names, base=None if obsm_only else base,
+                                     obs_names=opened.names(), base=opened.base if full else None,
                                      x_blocks=x_blocks, overwrite=overwrite)
             shutil.rmtree(parts)
-        return EmbedFileResult(written, n, n_chunks, computed, skipped, plan.uns)
+        return EmbedFileResult(written, n, n_chunks, computed, skipped, plan.uns, seconds)
     finally:
-        if adata is not None and adata.isbacked:
-            adata.file.close()
+        if opened is not None:
+            opened.close()
         if created:
             torch.distributed.destroy_process_group()
 
 
-def read_rows(matrix, a: int, b: int):
-    """Rows a:b of a dense, sparse or backed matrix as CSR."""
-    import scipy.sparse as sp
-
-    block = matrix[a:b]
-    if hasattr(block, "to_memory"):  # anndata backed sparse dataset slice
-        block = block.to_memory()
-    return sp.csr_matrix(block)
+def all_ranks(obj: object) -> list:
+    """`obj` of every process in rank order (an all-gather over gloo / nccl; [obj] in one process)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def _progress(enabled: bool, total: int):

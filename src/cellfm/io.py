@@ -23,10 +23,13 @@ FORMATS = ".h5ad, a 10x matrix folder (matrix.mtx[.gz]), a 10x .h5 or a .loom"
 
 
 def input_format(path: Path) -> str | None:
-    """"h5ad", "10x_mtx", "10x_h5", "loom", or None for a format cellfm does not read."""
+    """"h5ad", "10x_mtx", "10x_h5", "loom", "corpus" (a folder from `cellfm corpus build`), or None
+    for a format cellfm does not read."""
+    from cellfm.corpus.matrix import is_corpus
+
     name = path.name.lower()
     if path.is_dir():
-        return "10x_mtx"
+        return "corpus" if is_corpus(path) else "10x_mtx"
     for suffix, fmt in ((".h5ad", "h5ad"), (".h5", "10x_h5"), (".loom", "loom")):
         if name.endswith(suffix):
             return fmt
@@ -48,6 +51,9 @@ def read_cells(path: str | Path, *, backed: bool = False) -> ad.AnnData:
     if fmt is None:
         raise ValueError(f"{path.name} is not a format cellfm reads ({FORMATS}); convert it to .h5ad "
                          "first, e.g. with scanpy.read_csv(...).write_h5ad(...)")
+    if fmt == "corpus":
+        raise ValueError(f"{path} is a corpus folder (`cellfm corpus build`), not a count file: embed it "
+                         "with `cellfm embed CORPUS -o OUT.parquet` or `cellfm.embed_file`")
     try:
         if fmt == "h5ad":
             return ad.read_h5ad(path, backed="r" if backed else None)
@@ -86,9 +92,10 @@ def open_rows(path: str | Path) -> tuple[ad.AnnData, SourceRows]:
 
 
 class SourceRows:
-    """The counts of a corpus `CountSource` as a matrix sliced by rows (`rows[a:b]` -> CSR),
-    read forward one chunk at a time; asking for rows before the current chunk starts the file
-    again. Passes over the file in row order (checks, embedding) hold one chunk in memory."""
+    """The counts of a corpus `CountSource` as a matrix sliced by rows (`rows[a:b]` -> CSR).
+    Formats with a row index (10x .h5, loom) read just those rows; the others are read forward
+    one chunk at a time, and asking for rows before the current chunk starts the file again.
+    Passes over the file in row order (checks, embedding) hold one chunk in memory."""
 
     def __init__(self, source, chunk_size: int = 4096):
         self.source, self.chunk_size = source, chunk_size
@@ -106,6 +113,8 @@ class SourceRows:
         if not isinstance(key, slice) or key.step not in (None, 1):
             raise TypeError("SourceRows supports row slices a:b only")
         a, b, _ = key.indices(self.shape[0])
+        if self.source.rows is not None:
+            return sp.csr_matrix(self.source.rows(a, max(a, b)), dtype=np.float32)
         if self._chunks is None or a < self._start:
             self._chunks, self._start, self._block = self.source.chunks(self.chunk_size), 0, self._empty()
         parts = []

@@ -1,6 +1,7 @@
 """`cellfm embed INPUT -o OUT.h5ad`: cell embeddings into obsm["X_cellfm"].
 
-A thin layer over `cellfm.embed_file`: read (h5ad backed, in row chunks; 10x folder / .h5, loom),
+A thin layer over `cellfm.embed_file`: read (h5ad backed, in row chunks; 10x folder / .h5, loom; a
+corpus folder from `cellfm corpus build`, which gives cell names + embedding only),
 embed chunk by chunk into OUT.parts/ (resumable; split across processes under `torchrun`), merge
 into OUT atomically, print the gene-matching report. Bad input ends the command with one line naming the
 problem and the flag that fixes it (exit 2 for bad arguments, 1 for bad data or models, 130 on
@@ -20,10 +21,14 @@ from cellfm.cli.console import Failure, fail, one_line_warnings, run_cli
 def embed(
     input: Annotated[Path, typer.Argument(
         metavar="INPUT", show_default=False,
-        help="Raw counts, cells x genes: .h5ad, 10x matrix folder, 10x .h5 or .loom.")],
+        help="Raw counts, cells x genes: .h5ad, 10x matrix folder, 10x .h5 or .loom; or a corpus "
+        "folder built by `cellfm corpus build`.")],
     output: Annotated[Path, typer.Option(
         "-o", "--output", metavar="OUT", show_default=False,
-        help="Output .h5ad (the input + obsm['X_cellfm']); with --obsm-only .h5ad or .parquet.")],
+        help="Output .h5ad (the input + obsm['X_cellfm']); with --obsm-only .h5ad or .parquet. A corpus "
+        "INPUT is no AnnData to extend: it always gives cell names + embedding, as --obsm-only "
+        "(.parquet recommended; names are the cell ids, prefixed by the input file name where ids "
+        "repeat across inputs).")],
     model: Annotated[str, typer.Option(
         "--model", metavar="NAME|PATH", help="Built-in model name, model folder or checkpoint.",
     )] = "cellfm-mini",
@@ -48,7 +53,8 @@ def embed(
     backed: Annotated[bool, typer.Option("--backed", help="Kept for old scripts: an .h5ad is always "
                                          "read backed, in row chunks.")] = False,
     chunk_cells: Annotated[int, typer.Option(
-        metavar="N", help="Cells read, embedded and saved at a time (the unit of resuming).")] = 8192,
+        metavar="N", help="Cells read, embedded and saved at a time (the unit of resuming; processes "
+        "under torchrun share the chunks, so use at least a few chunks per process).")] = 8192,
 ) -> None:
     """Embed every cell of a count file with a CellFM model."""
     with run_cli() as console, one_line_warnings(console):
@@ -65,15 +71,19 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
 
     if not input.exists():
         fail(f"input {input} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom path", 2)
-    if input_format(input) is None:
-        fail(f"{input.name} is not a format cellfm embed reads ({FORMATS}); convert it to .h5ad first", 2)
+    fmt = input_format(input)
+    if fmt is None:
+        fail(f"{input.name} is not a format cellfm embed reads ({FORMATS}, or a corpus folder); convert it "
+             "to .h5ad first", 2)
+    obsm_only = obsm_only or fmt == "corpus"  # a corpus has no AnnData to write the embedding into
     if output.resolve() == input.resolve():
         fail("-o/--output must differ from the input: the input file is never changed", 2)
     if obsm_only and output.suffix.lower() not in (".h5ad", ".parquet"):
-        fail(f"--obsm-only writes .h5ad or .parquet; {output.name} is neither", 2)
+        what = "a corpus INPUT gives cell names + embedding in" if fmt == "corpus" else "--obsm-only writes"
+        fail(f"{what} .h5ad or .parquet; {output.name} is neither", 2)
     if not obsm_only and output.suffix.lower() != ".h5ad":
         fail(f"-o/--output must end in .h5ad (got {output.name}); or add --obsm-only for .parquet", 2)
-    if backed and input_format(input) != "h5ad":
+    if backed and fmt != "h5ad":
         fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
     if threads is not None and threads < 1:
         fail(f"--threads {threads}: give at least 1", 2)
@@ -120,7 +130,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     seconds = time.perf_counter() - start
     rank = int(os.environ.get("RANK", "0"))
     console.print(f"rank {rank}: embedded {result.computed} chunks, skipped {result.skipped} already done "
-                  f"(of {result.n_chunks})")
+                  f"(of {result.n_chunks}) in {result.seconds:.2f} s")
     if result.output is None:  # rank > 0 (rank 0 writes OUT), or stopped by the test hook
         if stop:
             raise Failure(f"stopped after {stop} chunks (CELLFM_EMBED_STOP_AFTER_CHUNKS)", 3)
@@ -138,6 +148,12 @@ def _first_line(err: BaseException) -> str:
 def print_report(console, info: dict, n_cells: int, seconds: float, model: str) -> None:
     from rich.table import Table
 
+    if info["layer"] == "corpus":
+        console.print(f"corpus {info['corpus']} ({info['n_inputs']} inputs): genes were matched to the "
+                      f"vocabulary when it was built")
+        console.print(f"embedded {n_cells:,} cells with {model} (d={info['model']['d_model']}) in "
+                      f"{seconds:.1f} s ({n_cells / max(seconds, 1e-9):.0f} cells/s)")
+        return
     table = Table(title="gene matching", show_header=True)
     table.add_column("genes")
     table.add_column("count", justify="right")

@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from cellfm.corpus.input_checks import looks_like_raw_counts
 
 ChunkIter = Callable[[int], Iterator[tuple[int, sp.csr_matrix]]]
+RowSlice = Callable[[int, int], sp.csr_matrix]  # (a, b) -> rows a:b as CSR
 DENSE_CHUNK_VALUES = 16_000_000  # dense blocks (loom, dense X, text) are cut to at most this many values
 
 
@@ -42,6 +43,7 @@ class CountSource:
     var_ids: np.ndarray | None = None  # (n_vars,) str Ensembl ids when the format has them
     obs: pd.DataFrame = field(default_factory=pd.DataFrame)  # label columns as str, n_cells rows
     counts_from: str = "X"
+    rows: RowSlice | None = None  # random access by rows, where the layout allows it (h5, loom)
 
     @property
     def n_cells(self) -> int:
@@ -78,6 +80,20 @@ def _label_columns(obs: pd.DataFrame) -> pd.DataFrame:
         if isinstance(s.dtype, pd.CategoricalDtype) or s.dtype == object or s.dtype == bool:
             keep[str(c)] = s.astype(str).to_numpy()
     return pd.DataFrame(keep)
+
+
+def _csr_rows(h5: Path, group: str, n_cols: int) -> RowSlice:
+    """Rows a:b of a CSR matrix stored as data/indices/indptr (see `_csr_chunks`), reading only
+    their part of the arrays."""
+
+    def rows(a: int, b: int) -> sp.csr_matrix:
+        with h5py.File(h5, "r") as f:
+            g = f[group]
+            indptr = g["indptr"][a : b + 1] if b > a else np.zeros(1, np.int64)
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            return sp.csr_matrix((g["data"][lo:hi], g["indices"][lo:hi], indptr - lo), shape=(b - a, n_cols))
+
+    return rows
 
 
 def _csr_chunks(h5: Path, group: str, n_cols: int) -> ChunkIter:
@@ -173,13 +189,14 @@ def read_10x_h5(path: Path) -> CountSource:
             names, ids, kinds = _str(g["gene_names"][:]), _str(g["genes"][:]), None
         barcodes = _str(g["barcodes"][:])
         n_genes = int(g["shape"][0])
-    chunks = _csr_chunks(path, group, n_genes)
+    chunks, rows = _csr_chunks(path, group, n_genes), _csr_rows(path, group, n_genes)
     if kinds is not None and (kinds != "Gene Expression").any():
         gex = np.flatnonzero(kinds == "Gene Expression")
         names, ids = names[gex], ids[gex]
-        inner = chunks
+        inner, inner_rows = chunks, rows
         chunks = lambda size: ((a, m[:, gex]) for a, m in inner(size))  # noqa: E731
-    return CountSource(path, "10x_h5", names, barcodes, chunks, var_ids=ids)
+        rows = lambda a, b: inner_rows(a, b)[:, gex]  # noqa: E731
+    return CountSource(path, "10x_h5", names, barcodes, chunks, var_ids=ids, rows=rows)
 
 
 def _open_text(path: Path):
@@ -232,7 +249,11 @@ def read_loom(path: Path) -> CountSource:
             for a in range(0, n_cells, step):
                 yield a, sp.csr_matrix(m[:, a : a + step].T)
 
-    return CountSource(path, "loom", names, cells, chunks, var_ids=ids, obs=pd.DataFrame(labels))
+    def rows(a: int, b: int) -> sp.csr_matrix:
+        with h5py.File(path, "r") as f2:
+            return sp.csr_matrix(f2["matrix"][:, a:b].T)
+
+    return CountSource(path, "loom", names, cells, chunks, var_ids=ids, obs=pd.DataFrame(labels), rows=rows)
 
 
 def read_dense_text(path: Path, *, gene_score: Callable[[np.ndarray], int] | None = None) -> CountSource:

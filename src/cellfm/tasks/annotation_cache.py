@@ -59,7 +59,7 @@ class TokenStates:
         zero CLS and no tokens. `keep_tokens=False` keeps only the CLS (for CLS-only heads)."""
         from tqdm.auto import tqdm
 
-        from cellfm.embedding import expressed_matched_genes, match_genes
+        from cellfm.embedding_plan import expressed_matched_genes, match_genes
         from cellfm.tokenizer import check_counts, iter_token_batches
 
         check_counts(adata.X)

@@ -28,24 +28,30 @@ def count_matrix(adata, layer: str | None = None):
 
 
 def tokenize_chunk(
-    counts: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, max_genes: int, seed: int
+    counts: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, max_genes: int, seed: int,
+    scaled: bool = False,
 ) -> list[tuple[int, np.ndarray, np.ndarray, float]]:
     """[(row, ids, values, total)] of the cells of one chunk (total: the library-scaled count over
-    the vocabulary genes that the values are normalised by); empty cells are left out."""
-    scaled = scale_library(counts)  # scaling uses all genes of the input
-    ids_all = column_ids[scaled.indices]
+    the vocabulary genes that the values are normalised by); empty cells are left out. `scaled`:
+    the counts are already library-scaled (a corpus shard stores them so)."""
+    if scaled:
+        lib = sp.csr_matrix(counts, dtype=np.float32, copy=True)
+        lib.eliminate_zeros()
+    else:
+        lib = scale_library(counts)  # scaling uses all genes of the input
+    ids_all = column_ids[lib.indices]
     keep = ids_all > 0
-    rows = np.repeat(np.arange(scaled.shape[0]), np.diff(scaled.indptr))[keep]
-    lens = np.bincount(rows, minlength=scaled.shape[0])
+    rows = np.repeat(np.arange(lib.shape[0]), np.diff(lib.indptr))[keep]
+    lens = np.bincount(rows, minlength=lib.shape[0])
     ids = ids_all[keep]
-    cnt = scaled.data[keep].astype(np.float64)
+    cnt = lib.data[keep].astype(np.float64)
     order = np.lexsort((ids, rows))
     ids, cnt, rows = ids[order], cnt[order], rows[order]
-    totals = np.bincount(rows, weights=cnt, minlength=scaled.shape[0])
+    totals = np.bincount(rows, weights=cnt, minlength=lib.shape[0])
     starts = np.concatenate([[0], np.cumsum(lens)])
     values = normalise(cnt, totals[rows])
     out = []
-    for r in range(scaled.shape[0]):
+    for r in range(lib.shape[0]):
         s, e = starts[r], starts[r + 1]
         if e == s:
             continue
@@ -72,10 +78,11 @@ def iter_token_batches(
 
 def chunk_batches(
     block: sp.csr_matrix, column_ids: np.ndarray, first_row: int, *, batch_size: int, max_genes: int,
-    sort_by_length: bool = True, seed: int = 0,
+    sort_by_length: bool = True, seed: int = 0, scaled: bool = False,
 ) -> Iterator[CellBatch]:
-    """Batches of the cells of one row chunk (`first_row` = its first row in the whole input)."""
-    cells = tokenize_chunk(block, column_ids, first_row, max_genes=max_genes, seed=seed)
+    """Batches of the cells of one row chunk (`first_row` = its first row in the whole input;
+    `scaled` as in `tokenize_chunk`)."""
+    cells = tokenize_chunk(block, column_ids, first_row, max_genes=max_genes, seed=seed, scaled=scaled)
     if sort_by_length:
         cells.sort(key=lambda c: len(c[1]))
     for b in range(0, len(cells), batch_size):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,14 +21,20 @@ LOG_MAX = 30.0  # log1p of any normalisation stays below this; raw counts of rea
 CONSTANT_TOTAL_CV = 1e-3  # row sums this equal were normalised to a fixed total
 
 
-def iter_row_chunks(matrix, chunk_size: int = 4096) -> Iterator[tuple[int, sp.csr_matrix]]:
-    """(start row, CSR chunk) over a dense, sparse or backed (h5py-based) matrix."""
-    n = matrix.shape[0]
-    for start in range(0, n, chunk_size):
-        block = matrix[start : min(n, start + chunk_size)]
-        if hasattr(block, "to_memory"):  # anndata backed sparse dataset slice
-            block = block.to_memory()
-        yield start, sp.csr_matrix(block)
+def iter_row_chunks(matrix, chunk_size: int = 4096, *, start: int = 0,
+                    stop: int | None = None) -> Iterator[tuple[int, sp.csr_matrix]]:
+    """(first row, CSR chunk) over rows start:stop of a dense, sparse or backed (h5py-based) matrix."""
+    stop = matrix.shape[0] if stop is None else min(stop, matrix.shape[0])
+    for a in range(start, stop, chunk_size):
+        yield a, read_rows(matrix, a, min(stop, a + chunk_size))
+
+
+def read_rows(matrix, a: int, b: int) -> sp.csr_matrix:
+    """Rows a:b of a dense, sparse or backed matrix as CSR."""
+    block = matrix[a:b]
+    if hasattr(block, "to_memory"):  # anndata backed sparse dataset slice
+        block = block.to_memory()
+    return sp.csr_matrix(block)
 
 
 def check_counts(
@@ -46,7 +53,6 @@ def check_counts(
     non-negative non-integer counts (ambient-corrected) but never log or CPM-like data. Returns
     {"n_cells", "n_empty"}; empty cells only warn unless allow_empty=False.
     """
-    fix = fix or f"pass the raw UMI counts (e.g. {arg('layer', 'counts')})"
     matrix = data
     if hasattr(data, "var_names"):  # AnnData
         dup = data.var_names[data.var_names.duplicated()]
@@ -57,37 +63,103 @@ def check_counts(
             )
         matrix = data.X
     if matrix is None:
-        raise ValueError(f"{where} is empty (no matrix): {fix}")
-    n_empty = n_frac = n_nonzero = 0
-    vmax = 0.0
-    totals, minima = [], []
+        raise ValueError(f"{where} is empty (no matrix): {fix or _default_fix()}")
+    stats = CountStats()
     for _, block in iter_row_chunks(matrix, chunk_size):
+        stats.add(block)
+        if stats.bad:
+            break
+    return judge_counts(stats, allow_empty=allow_empty, allow_non_integer=allow_non_integer, where=where,
+                        fix=fix)
+
+
+def _default_fix() -> str:  # worded for the API or the CLI, whichever is running
+    return f"pass the raw UMI counts (e.g. {arg('layer', 'counts')})"
+
+
+@dataclass
+class CountStats:
+    """What `judge_counts` needs to know about a count matrix, gathered one row block at a time.
+
+    Stats of consecutive row ranges `merge` into the stats of the whole matrix, so processes can
+    each read only their own rows and still reach the verdict (and message) of one full pass.
+    `totals` / `minima` (one value per non-empty cell) matter only for non-integer data;
+    `without_cells` drops them before they travel between processes.
+    """
+
+    n_cells: int = 0
+    n_empty: int = 0
+    n_nonzero: int = 0
+    n_frac: int = 0  # non-zero values that are not whole numbers
+    vmax: float = 0.0
+    bad: str | None = None  # "nan" or "negative": the first found in row order (reading stops)
+    totals: list[np.ndarray] = field(default_factory=list)  # per non-empty cell: its sum
+    minima: list[np.ndarray] = field(default_factory=list)  # per non-empty cell: its smallest value
+
+    def add(self, block: sp.csr_matrix) -> None:
+        """Account for the next rows (CSR; explicit zeros are removed from it in place)."""
         v = block.data
+        self.n_cells += block.shape[0]
+        if self.bad:
+            return
         if v.size and not np.isfinite(v).all():
-            raise ValueError(f"{where} contains NaN or infinite values, so it is not raw counts: {fix}, "
-                             "or drop the cells / genes with such values first")
+            self.bad = "nan"
+            return
         if v.size and (v < 0).any():
-            raise ValueError(f"{where} has negative values, so it is not raw counts (scaled or centred "
-                             f"data?): {fix}")
+            self.bad = "negative"
+            return
         block.eliminate_zeros()
         v = block.data
-        n_frac += int((np.abs(v - np.round(v)) > 1e-3).sum())
-        n_nonzero += int(v.size)
-        vmax = max(vmax, float(v.max())) if v.size else vmax
+        self.n_frac += int((np.abs(v - np.round(v)) > 1e-3).sum())
+        self.n_nonzero += int(v.size)
+        self.vmax = max(self.vmax, float(v.max())) if v.size else self.vmax
         row_sums = np.asarray(block.sum(1), dtype=np.float64).ravel()
-        n_empty += int((np.diff(block.indptr) == 0).sum())
+        self.n_empty += int((np.diff(block.indptr) == 0).sum())
         full = np.diff(block.indptr) > 0
-        totals.append(row_sums[full])
-        minima.append(np.minimum.reduceat(v, block.indptr[:-1][full]) if full.any() else np.zeros(0))
-    if n_nonzero and n_frac / n_nonzero > 0.01:
-        _refuse_non_counts(n_frac / n_nonzero, vmax, np.concatenate(totals), np.concatenate(minima),
-                           allow_non_integer, where, fix)
-    if n_empty:
-        msg = f"{n_empty} of {matrix.shape[0]} cells have no counts"
+        self.totals.append(row_sums[full])
+        self.minima.append(np.minimum.reduceat(v, block.indptr[:-1][full]) if full.any() else np.zeros(0))
+
+    @property
+    def non_integer(self) -> bool:
+        """More than 1% of the non-zero values are not whole numbers (the per-cell arrays decide)."""
+        return bool(self.n_nonzero and self.n_frac / self.n_nonzero > 0.01)
+
+    def without_cells(self) -> CountStats:
+        return replace(self, totals=[], minima=[])
+
+    @classmethod
+    def merge(cls, parts: list[CountStats]) -> CountStats:
+        """The stats of consecutive row ranges, in row order, as those of one pass over all."""
+        bad = next((p.bad for p in parts if p.bad), None)
+        return cls(n_cells=sum(p.n_cells for p in parts), n_empty=sum(p.n_empty for p in parts),
+                   n_nonzero=sum(p.n_nonzero for p in parts), n_frac=sum(p.n_frac for p in parts),
+                   vmax=max((p.vmax for p in parts), default=0.0), bad=bad,
+                   totals=[t for p in parts for t in p.totals], minima=[m for p in parts for m in p.minima])
+
+
+def judge_counts(stats: CountStats, *, allow_empty: bool = True, allow_non_integer: bool = False,
+                 where: str = "the count matrix", fix: str | None = None) -> dict[str, int]:
+    """`check_counts`'s verdict on gathered stats: raise ValueError naming the problem and `fix`."""
+    fix = fix or _default_fix()
+    if stats.bad == "nan":
+        raise ValueError(f"{where} contains NaN or infinite values, so it is not raw counts: {fix}, "
+                         "or drop the cells / genes with such values first")
+    if stats.bad == "negative":
+        raise ValueError(f"{where} has negative values, so it is not raw counts (scaled or centred "
+                         f"data?): {fix}")
+    if stats.non_integer:
+        _refuse_non_counts(stats.n_frac / stats.n_nonzero, stats.vmax, _concat(stats.totals),
+                           _concat(stats.minima), allow_non_integer, where, fix)
+    if stats.n_empty:
+        msg = f"{stats.n_empty} of {stats.n_cells} cells have no counts"
         if not allow_empty:
             raise ValueError(msg + "; remove them, e.g. sc.pp.filter_cells(adata, min_counts=1)")
-        warnings.warn(msg, stacklevel=2)
-    return {"n_cells": int(matrix.shape[0]), "n_empty": int(n_empty)}
+        warnings.warn(msg, stacklevel=3)
+    return {"n_cells": int(stats.n_cells), "n_empty": int(stats.n_empty)}
+
+
+def _concat(arrays: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(arrays) if arrays else np.zeros(0)
 
 
 def _refuse_non_counts(frac: float, vmax: float, totals: np.ndarray, minima: np.ndarray,
