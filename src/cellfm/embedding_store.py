@@ -82,6 +82,13 @@ def model_fingerprint(model: CellFM) -> str:
     return digest.hexdigest()[:16]
 
 
+def auto_chunk_cells(n_cells: int) -> int:
+    """The chunk grid when none is given: about 64 chunks, 1,024 to 8,192 cells each, so that
+    processes under torchrun get several chunks each and padding inside a chunk stays small. It
+    depends on the number of cells only, so a resumed run finds the same grid with any process count."""
+    return int(min(8192, max(1024, -(-n_cells // 64))))
+
+
 def chunk_ranges(n_cells: int, chunk_cells: int, rank: int, world: int) -> list[tuple[int, int, int]]:
     """[(chunk index, first row, end row)] of this rank: contiguous chunks, balanced by count."""
     n_chunks = -(-n_cells // chunk_cells)
@@ -146,7 +153,7 @@ def embed_file(
     empty: Literal["raise", "zero"] = "raise",
     seed: int = 0,
     allow_non_integer: bool = False,
-    chunk_cells: int = 8192,
+    chunk_cells: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
     stop_after_chunks: int | None = None,
@@ -158,8 +165,8 @@ def embed_file(
     byte, never loaded), or with `obsm_only` an .h5ad / .parquet of cell names + embedding; a
     corpus is no AnnData to extend, so it always gives the latter (names: `CorpusMatrix.obs_names`).
     Other arguments as in `cellfm.embed`; `chunk_cells` rows are read, embedded and saved at a
-    time (the unit of resuming). `stop_after_chunks` (tests) stops after this many new chunks
-    per rank, leaving the parts folder to resume from.
+    time (the unit of resuming; None: `auto_chunk_cells`). `stop_after_chunks` (tests) stops
+    after this many new chunks per rank, leaving the parts folder to resume from.
 
     Examples
     --------
@@ -176,7 +183,7 @@ def embed_file(
     from cellfm.wording import arg
 
     path, out = Path(path), Path(out)
-    if chunk_cells < 1 or batch_size < 1:
+    if (chunk_cells is not None and chunk_cells < 1) or batch_size < 1:
         raise ValueError(f"{arg('chunk_cells', chunk_cells)} and {arg('batch_size', batch_size)} must be "
                          "positive")
     if empty not in ("raise", "zero"):
@@ -194,13 +201,14 @@ def embed_file(
         d = model.config.d_model
 
         def rows_of(n: int) -> tuple[int, int]:  # this rank's rows: its chunks of the grid
-            mine = chunk_ranges(n, chunk_cells, rank, world)
+            mine = chunk_ranges(n, chunk_cells or auto_chunk_cells(n), rank, world)
             return (mine[0][1], mine[-1][2]) if mine else (0, 0)
 
         opened = open_input(path, model, rows_of=rows_of, gather=all_ranks, layer=layer, gene_key=gene_key,
                             key_added=key_added, max_genes=max_genes, empty=empty, seed=seed,
                             allow_non_integer=allow_non_integer)
         plan, n = opened.plan, opened.n_cells
+        chunk_cells = chunk_cells or auto_chunk_cells(n)
         parts = parts_folder(out)
         refused = None
         if rank == 0:  # one process fingerprints the model and checks / creates the index

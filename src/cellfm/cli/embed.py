@@ -52,9 +52,10 @@ def embed(
         metavar="N", show_default=False, help="CPU threads for torch (default: torch's choice).")] = None,
     backed: Annotated[bool, typer.Option("--backed", help="Kept for old scripts: an .h5ad is always "
                                          "read backed, in row chunks.")] = False,
-    chunk_cells: Annotated[int, typer.Option(
-        metavar="N", help="Cells read, embedded and saved at a time (the unit of resuming; processes "
-        "under torchrun share the chunks, so use at least a few chunks per process).")] = 8192,
+    chunk_cells: Annotated[int | None, typer.Option(
+        metavar="N", show_default=False, help="Cells read, embedded and saved at a time (the unit of "
+        "resuming; processes under torchrun share the chunks). Default: about 64 chunks of 1,024 to "
+        "8,192 cells.")] = None,
 ) -> None:
     """Embed every cell of a count file with a CellFM model."""
     with run_cli() as console, one_line_warnings(console):
@@ -64,7 +65,7 @@ def embed(
 
 def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int, layer: str | None,
            gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
-           threads: int | None, backed: bool, chunk_cells: int) -> None:
+           threads: int | None, backed: bool, chunk_cells: int | None) -> None:
     import time
 
     from cellfm.io import FORMATS, check_output, input_format
@@ -87,7 +88,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
         fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
     if threads is not None and threads < 1:
         fail(f"--threads {threads}: give at least 1", 2)
-    if chunk_cells < 1 or batch_size < 1:
+    if (chunk_cells is not None and chunk_cells < 1) or batch_size < 1:
         fail(f"--chunk-cells {chunk_cells} / --batch-size {batch_size}: give at least 1", 2)
     try:
         check_output(output, overwrite=overwrite)
