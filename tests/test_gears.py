@@ -117,7 +117,7 @@ def test_cellfm_gene_tokens_pair_with_the_right_control_cell(pert_data):
     with torch.no_grad():
         mask = torch.ones_like(ids, dtype=torch.bool)
         states, _ = model.module.eval().encode(ids, torch.as_tensor(X[3:4]), mask)
-    torch.testing.assert_close(tokens[3].float(), states[0, 1:], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(tokens[3], states[0, 1:], rtol=1e-5, atol=1e-5)
     attach_control_index(pert_data, ctrl)
     for graphs in pert_data.dataset_processed.values():
         for gr in graphs[:5]:

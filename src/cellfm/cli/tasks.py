@@ -178,6 +178,10 @@ def integrate(
         int,
         typer.Option(help="Also score after this many epochs of self-supervised integration fine-tuning."),
     ] = 0,
+    st_tokens: Annotated[
+        bool, typer.Option(help="Fine-tune the authors' ST-token model (library-size tokens after CLS), as "
+                           "their integration tutorial does; --no-st-tokens: CLS only.")
+    ] = True,
     harmony: Annotated[bool, typer.Option(help="Run Harmony on the PCA when harmonypy is installed.")] = True,
     scvi_epochs: Annotated[
         int, typer.Option(help="scVI training epochs when scvi-tools is installed (0: skip scVI).")
@@ -201,7 +205,8 @@ def integrate(
     except (FileNotFoundError, ValueError) as err:
         _fail(str(err), 2)
     r = evaluate_integration(
-        adata, cfm, finetune_epochs=finetune_epochs, harmony=harmony, scvi_epochs=scvi_epochs
+        adata, cfm, finetune_epochs=finetune_epochs, harmony=harmony, scvi_epochs=scvi_epochs,
+        st_tokens=st_tokens
     )
     output.mkdir(parents=True, exist_ok=True)
     _write_tsv(r["table"], output / "integration_scores.tsv")

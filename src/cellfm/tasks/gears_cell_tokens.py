@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 def control_gene_tokens(
     model: CellFM, values: np.ndarray, genes: list[str], batch_size: int = 32, progress: bool = True
 ) -> torch.Tensor:
-    """Last-layer gene tokens of every gene in every control cell, (n_cells, n_genes, D) float16.
+    """Last-layer gene tokens of every gene in every control cell, (n_cells, n_genes, D): float32
+    up to 1 GiB, float16 beyond (the 800M model's 1536-wide tokens of thousands of cells).
 
     `values` (n_cells, n_genes) are log1p(count / total * 1e4), the encoder's value scale; genes
     missing from the vocabulary enter with the padding row's (zero) gene embedding, as the authors'
@@ -40,7 +41,8 @@ def control_gene_tokens(
     module = model.module.eval()
     dev = next(module.parameters()).device
     n, G = values.shape
-    out = torch.empty(n, G, model.config.d_model, dtype=torch.float16)
+    dtype = torch.float32 if n * G * model.config.d_model * 4 <= 2**30 else torch.float16
+    out = torch.empty(n, G, model.config.d_model, dtype=dtype)
     steps = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -51,7 +53,7 @@ def control_gene_tokens(
         gene_ids = ids.to(dev).expand(len(v), G)
         mask = torch.ones_like(v, dtype=torch.bool)
         states, _ = module.encode(gene_ids, v, mask)  # (B, 1+G, D)
-        out[s : s + len(v)] = states[:, states.shape[1] - G :].to(torch.float16).cpu()
+        out[s : s + len(v)] = states[:, states.shape[1] - G :].to(dtype).cpu()
     return out
 
 
@@ -67,7 +69,7 @@ def gears_model_class():
         def __init__(self, args: dict, tokens: torch.Tensor | None = None) -> None:
             super().__init__(args)
             h = args["hidden_size"]
-            self.tokens = tokens  # (n_control, G, D) float16, not a parameter: frozen and large
+            self.tokens = tokens  # (n_control, G, D), not a parameter: frozen and possibly large
             if tokens is not None:
                 self.token_mlp = MLP([tokens.shape[-1], 2 * h, h], last_layer_act="ReLU")
 

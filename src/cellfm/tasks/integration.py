@@ -108,6 +108,7 @@ def evaluate_integration(
     progress: bool = True,
     device: str | None = "cpu",
     finetune_epochs: int = 0,
+    st_tokens: bool = True,
     harmony: bool = True,
     scvi_epochs: int = 20,
     scorer: str = "auto",
@@ -117,7 +118,8 @@ def evaluate_integration(
     Writes obsm["X_cellfm"], obsm["X_pca"] (and "X_harmony", "X_scVI" when those ran) into `adata`
     for plots. With `finetune_epochs` > 0 the encoder is also fine-tuned on these cells first
     (`integration_finetune`, self-supervised: no labels or batches are used) and scored as a further
-    row (obsm["X_cellfm_finetuned"]). `scorer` is passed to `integration_metrics.score_embeddings`.
+    row (obsm["X_cellfm_finetuned"]); `st_tokens` fine-tunes the authors' ST-token model, as their
+    integration tutorial does. `scorer` is passed to `integration_metrics.score_embeddings`.
     Returns {"table": DataFrame (one row per method), "embeddings": {method: array},
     "scorer": str, "methods": {method: what ran or why not}, "n_scored": int}.
     """
@@ -133,12 +135,14 @@ def evaluate_integration(
         from cellfm.tasks.integration_finetune import fine_tune_for_integration
 
         tuned = fine_tune_for_integration(
-            adata, model, epochs=finetune_epochs, device=device, seed=seed, progress=progress
+            adata, model, epochs=finetune_epochs, st_tokens=st_tokens, device=device, seed=seed,
+            progress=progress,
         )
         embed(adata, tuned, device=device, progress=progress, empty="zero", key_added="X_cellfm_finetuned")
         name = f"CellFM (fine-tuned, {finetune_epochs} ep)"
         embeddings[name] = adata.obsm["X_cellfm_finetuned"]
-        methods[name] = "self-supervised integration fine-tuning on these cells"
+        methods[name] = ("self-supervised integration fine-tuning on these cells"
+                         + (", the authors' ST-token model" if st_tokens else ", CLS only"))
     base = integration_baselines(
         adata, batch_key, harmony=harmony, scvi_epochs=scvi_epochs, seed=seed, progress=progress
     )
