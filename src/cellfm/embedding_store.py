@@ -146,6 +146,7 @@ def embed_file(
     overwrite: bool = False,
     progress: bool = True,
     stop_after_chunks: int | None = None,
+    st_tokens: bool = False,
 ) -> EmbedFileResult:
     """Embed every cell of the file at `path` into `out`, streaming, on every torchrun rank.
 
@@ -160,7 +161,14 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import embed_batch, on_device, plan_embedding, resolve_device, resolve_model
+    from cellfm.embedding import (
+        embed_batch,
+        on_device,
+        plan_embedding,
+        require_st_weights,
+        resolve_device,
+        resolve_model,
+    )
     from cellfm.embedding_output import write_streamed
     from cellfm.io import check_output, input_format, open_rows, read_cells
     from cellfm.tokenizer import chunk_batches, count_matrix
@@ -195,16 +203,19 @@ def embed_file(
         if source.n_obs == 0:
             raise ValueError("the input has no cells (0 rows): nothing to embed")
         model = resolve_model(model)
+        if st_tokens:
+            require_st_weights(model)
         plan = plan_embedding(source, model, layer=layer_in_source, gene_key=gene_key, key_added=key_added,
                               max_genes=max_genes, empty=empty, seed=seed,
                               allow_non_integer=allow_non_integer, matrix=rows)
         if layer == "raw":
             plan.uns["layer"] = "raw"
+        plan.uns["st_tokens"] = bool(st_tokens)
         n, d = source.n_obs, model.config.d_model
         parts = parts_folder(out)
         record = {"format": INDEX_FORMAT, "input": input_identity(path), "model": model_fingerprint(model),
                   "settings": {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes,
-                               "seed": seed, "empty": empty},
+                               "seed": seed, "empty": empty, "st_tokens": bool(st_tokens)},
                   "n_cells": n, "d_model": d, "chunk_cells": chunk_cells}
         open_index(parts, record, write=rank == 0)
         barrier()  # the index exists before any rank writes a chunk
@@ -227,7 +238,7 @@ def embed_file(
                     emb = np.zeros((b - a, d), dtype=np.float32)  # empty cells stay zero
                     for batch in chunk_batches(read_rows(matrix, a, b), column_ids, a, batch_size=batch_size,
                                                max_genes=plan.max_genes, seed=seed):
-                        index, cls = embed_batch(module, batch, dev)
+                        index, cls = embed_batch(module, batch, dev, st_tokens=st_tokens)
                         emb[index - a] = cls
                     save_chunk(parts, k, emb)
                     computed += 1
