@@ -145,6 +145,7 @@ class CellTypeAnnotator:
         base = resolve_model(model)
         st_weights = None
         if st_tokens:
+            torch.manual_seed(seed)  # new ST weights, if any, are reproducible
             base, st_weights = st_encoder(base, mode)
         self.encoder_source = str(model) if not _is_model_object(model) and mode == "frozen" else None
         self.reference_genes = matched_genes(ref, base)
