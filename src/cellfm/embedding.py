@@ -359,7 +359,7 @@ def embed_batch(module: torch.nn.Module, batch, dev: torch.device, st_tokens: bo
     with torch.inference_mode(), autocast:
         batch = batch.to(dev, non_blocking=True)
         st_feat = st_features(batch.totals) if st_tokens else None  # (B, 2)
-        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask, st_feat)  # (B, D)
+        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)  # (B, D)
         return batch.cell_index.cpu().numpy(), cls.float().cpu().numpy()
 
 
