@@ -43,14 +43,15 @@ def test_embed_uses_the_fast_path_and_matches_the_full_encoder(monkeypatch):
     calls = []
     fast_path = CellFMModule.cell_embedding
 
-    def spy(self, *args):
+    def spy(self, *args, **kwargs):
         calls.append(args[0].shape)
-        return fast_path(self, *args)
+        return fast_path(self, *args, **kwargs)
 
     monkeypatch.setattr(CellFMModule, "cell_embedding", spy)
     fast = embed(adata, model, copy=True, progress=False).obsm["X_cellfm"]
     assert calls, "cellfm.embed did not use CellFMModule.cell_embedding"
     monkeypatch.setattr(CellFMModule, "cell_embedding",
-                        lambda self, ids, vals, mask: self.encode(ids, vals, mask)[0][:, 0])
+                        lambda self, ids, vals, mask, st_feat=None: self.encode(ids, vals, mask,
+                                                                                st_feat=st_feat)[0][:, 0])
     full = embed(adata, model, copy=True, progress=False).obsm["X_cellfm"]
     assert abs(fast - full).max() < 1e-5

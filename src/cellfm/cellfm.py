@@ -8,6 +8,7 @@ knows folders and AnnData; the module knows only tensors. Our folder format is
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from cellfm.vocab import GeneVocabulary
 
 FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
 PRETRAINED_DIR = Path(__file__).parent / "pretrained"
 
 
@@ -82,6 +84,19 @@ class CellFM:
 
     def num_parameters(self) -> int:
         return self.module.num_parameters()
+
+    def with_st_tokens(self) -> CellFM:
+        """This model when its weights carry the ST tokens of the authors' fine-tuning model, else
+        a copy with new ones (official init, to be trained); the original is untouched."""
+        if self.config.st_tokens:
+            return self
+        config = self.config.replace(st_tokens=True)
+        module = CellFMModule(config)
+        missing, unexpected = module.load_state_dict(self.module.state_dict(), strict=False)
+        if unexpected or not all(k.startswith("st.") for k in missing):
+            raise RuntimeError(f"internal error: weights do not fit the ST model: {missing}, {unexpected}")
+        log.info("model has no ST-token weights: new ones are initialised (%s)", ", ".join(missing))
+        return CellFM(config, module.to(self.device), self.vocab)
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:

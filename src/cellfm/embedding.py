@@ -14,6 +14,10 @@ name its flags instead (see `cellfm.wording`).
 
 Cells with more than `max_genes` expressed genes (2048 for the official models) are subsampled
 to `max_genes` genes with a fixed seed, so running `embed` twice gives the same embeddings.
+
+`st_tokens=True` feeds the two ST tokens of the authors' fine-tuning model (`model/st_tokens.py`)
+with each cell's library size (S = T = its total count over the matched genes, as at inference in
+the official code); only models whose weights carry ST tokens accept it (`require_st_weights`).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ def embed(
     empty: Literal["raise", "zero"] = "raise",
     seed: int = 0,
     allow_non_integer: bool = False,
+    st_tokens: bool = False,
 ) -> ad.AnnData | None:
     """Embed every cell of `adata` with a CellFM model.
 
@@ -116,6 +121,10 @@ def embed(
     allow_non_integer
         Accept non-negative counts that are not whole numbers (ambient-corrected counts from
         SoupX / CellBender). Log-transformed or CPM-like data are refused regardless.
+    st_tokens
+        Add the two ST tokens (the cell's total count) after CLS, as the authors' fine-tuning
+        model does. Needs a model with ST-token weights (the official 80M release, or a model
+        fine-tuned with `st_tokens=True`); other models raise a ValueError.
 
     Returns
     -------
@@ -138,7 +147,7 @@ def embed(
         loaded = read_cells(adata)
         embed(loaded, model, batch_size=batch_size, device=device, layer=layer, key_added=key_added,
               gene_key=gene_key, progress=progress, max_genes=max_genes, empty=empty, seed=seed,
-              allow_non_integer=allow_non_integer)
+              allow_non_integer=allow_non_integer, st_tokens=st_tokens)
         return loaded
     if empty not in ("raise", "zero"):
         raise ValueError(f"{arg('empty', empty)} is not a choice: use {arg('empty', 'raise')} or "
@@ -154,13 +163,16 @@ def embed(
         target = adata.to_memory() if (copy and adata.isbacked) else (adata.copy() if copy else adata)
         result = embed(adata.raw.to_adata(), model, batch_size=batch_size, device=dev, key_added=key_added,
                        gene_key=gene_key, copy=True, progress=progress, max_genes=max_genes, empty=empty,
-                       seed=seed, allow_non_integer=allow_non_integer)
+                       seed=seed, allow_non_integer=allow_non_integer, st_tokens=st_tokens)
         target.obsm[key_added] = result.obsm[key_added]
         target.uns["cellfm"] = {**result.uns["cellfm"], "layer": "raw"}
         return target if copy else None
     model = resolve_model(model)
+    if st_tokens:
+        require_st_weights(model)
     plan = plan_embedding(adata, model, layer=layer, gene_key=gene_key, key_added=key_added,
                           max_genes=max_genes, empty=empty, seed=seed, allow_non_integer=allow_non_integer)
+    plan.uns["st_tokens"] = bool(st_tokens)
     out = np.zeros((adata.n_obs, model.config.d_model), dtype=np.float32)
     done = np.zeros(adata.n_obs, dtype=bool)
     batches = iter_token_batches(adata, plan.mapping, batch_size=batch_size, max_genes=plan.max_genes,
@@ -169,7 +181,7 @@ def embed(
     try:
         with on_device(model, dev) as module:
             for batch in batches:
-                rows, cls = embed_batch(module, batch, dev)
+                rows, cls = embed_batch(module, batch, dev, st_tokens=st_tokens)
                 out[rows] = cls
                 done[rows] = True
                 bar.update(len(rows))
@@ -198,13 +210,32 @@ def on_device(model: CellFM, dev: torch.device) -> Iterator[torch.nn.Module]:
         module.train(was_training).to(old_device)
 
 
-def embed_batch(module: torch.nn.Module, batch, dev: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, CLS embeddings (B, D) float32) of one CellBatch; bf16 autocast on CUDA."""
+def embed_batch(module: torch.nn.Module, batch, dev: torch.device, st_tokens: bool = False
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, CLS embeddings (B, D) float32) of one CellBatch; bf16 autocast on CUDA. With
+    `st_tokens`, the ST tokens carry each cell's total (S = T = `batch.totals`)."""
+    from cellfm.model.st_tokens import st_features
+
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else _null()
     with torch.inference_mode(), autocast:
         batch = batch.to(dev, non_blocking=True)
-        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask)  # (B, D)
+        st_feat = st_features(batch.totals) if st_tokens else None  # (B, 2)
+        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)  # (B, D)
         return batch.cell_index.cpu().numpy(), cls.float().cpu().numpy()
+
+
+def require_st_weights(model: CellFM) -> None:
+    """Refuse `st_tokens=True` for a model without ST-token weights: new random ones would make
+    the embedding noise, not a library-size signal."""
+    from cellfm.wording import arg
+
+    if not model.config.st_tokens:
+        raise ValueError(
+            f"{arg('st_tokens', True)} needs a model with ST-token weights and this one has none; "
+            "the official 80M release (cellfm-80m, CellFM_80M_weight.ckpt: ST_emb, ST_enc) and "
+            "models fine-tuned for integration with ST tokens carry them. Leave out "
+            f"{arg('st_tokens', True)} for this model"
+        )
 
 
 def get_gene_embeddings(

@@ -157,6 +157,7 @@ def embed_file(
     overwrite: bool = False,
     progress: bool = True,
     stop_after_chunks: int | None = None,
+    st_tokens: bool = False,
 ) -> EmbedFileResult:
     """Embed every cell of the file at `path` into `out`, streaming, on every torchrun rank.
 
@@ -173,7 +174,7 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import embed_batch, on_device, resolve_device, resolve_model
+    from cellfm.embedding import embed_batch, on_device, require_st_weights, resolve_device, resolve_model
     from cellfm.embedding_inputs import open_input
     from cellfm.embedding_output import write_streamed
     from cellfm.io import check_output
@@ -198,6 +199,8 @@ def embed_file(
     opened = None
     try:
         model = resolve_model(model)
+        if st_tokens:
+            require_st_weights(model)
         d = model.config.d_model
 
         def rows_of(n: int) -> tuple[int, int]:  # this rank's rows: its chunks of the grid
@@ -209,11 +212,12 @@ def embed_file(
                             allow_non_integer=allow_non_integer)
         plan, n = opened.plan, opened.n_cells
         chunk_cells = chunk_cells or auto_chunk_cells(n)
+        plan.uns["st_tokens"] = bool(st_tokens)
         parts = parts_folder(out)
         refused = None
         if rank == 0:  # one process fingerprints the model and checks / creates the index
             settings = {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes, "seed": seed,
-                        "empty": empty}
+                        "empty": empty, "st_tokens": bool(st_tokens)}
             record = {"format": INDEX_FORMAT, "input": input_identity(path),
                       "model": model_fingerprint(model), "settings": settings, "n_cells": n, "d_model": d,
                       "chunk_cells": chunk_cells}
@@ -243,7 +247,7 @@ def embed_file(
                     for batch in chunk_batches(read_rows(opened.counts, a, b), opened.column_ids, a,
                                                batch_size=batch_size, max_genes=plan.max_genes, seed=seed,
                                                scaled=opened.scaled):
-                        index, cls = embed_batch(module, batch, dev)
+                        index, cls = embed_batch(module, batch, dev, st_tokens=st_tokens)
                         emb[index - a] = cls
                     save_chunk(parts, k, emb)
                     computed += 1

@@ -56,16 +56,19 @@ def embed(
         metavar="N", show_default=False, help="Cells read, embedded and saved at a time (the unit of "
         "resuming; processes under torchrun share the chunks). Default: about 64 chunks of 1,024 to "
         "8,192 cells.")] = None,
+    st_tokens: Annotated[bool, typer.Option(
+        "--st-tokens", help="Add the two ST tokens (each cell's total count) after CLS, as the authors' "
+        "fine-tuning model; needs a model with ST-token weights (e.g. cellfm-80m).")] = False,
 ) -> None:
     """Embed every cell of a count file with a CellFM model."""
     with run_cli() as console, one_line_warnings(console):
         _embed(console, input, output, model, device, batch_size, layer, gene_key, empty, allow_non_integer,
-               obsm_only, overwrite, threads, backed, chunk_cells)
+               obsm_only, overwrite, threads, backed, chunk_cells, st_tokens)
 
 
 def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int, layer: str | None,
            gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
-           threads: int | None, backed: bool, chunk_cells: int | None) -> None:
+           threads: int | None, backed: bool, chunk_cells: int | None, st_tokens: bool = False) -> None:
     import time
 
     from cellfm.io import FORMATS, check_output, input_format
@@ -102,7 +105,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     import torch
 
     from cellfm.cellfm import load
-    from cellfm.embedding import resolve_device
+    from cellfm.embedding import require_st_weights, resolve_device
     from cellfm.embedding_store import embed_file, parts_folder
 
     if threads is not None:
@@ -115,6 +118,11 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
         cfm = load(model)
     except Exception as err:  # noqa: BLE001 - checkpoint readers raise many types for bad files
         fail(f"could not load --model {model}: {_first_line(err)}")
+    if st_tokens:
+        try:
+            require_st_weights(cfm)
+        except ValueError as err:
+            fail(f"--model {model}: {err}", 2)
 
     stop = os.environ.get("CELLFM_EMBED_STOP_AFTER_CHUNKS")  # test hook: simulate a killed run
     start = time.perf_counter()
@@ -122,7 +130,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
         result = embed_file(input, cfm, output, obsm_only=obsm_only, batch_size=batch_size, device=device,
                             layer=layer, gene_key=gene_key, empty=empty, allow_non_integer=allow_non_integer,
                             chunk_cells=chunk_cells, overwrite=overwrite,
-                            stop_after_chunks=int(stop) if stop else None)
+                            stop_after_chunks=int(stop) if stop else None, st_tokens=st_tokens)
     except (OSError, ValueError, KeyError) as err:
         fail(_first_line(err))
     except KeyboardInterrupt:

@@ -95,9 +95,19 @@ def annotate_fit(
     min_cells_per_class: int = 5,
     overwrite: bool = False,
     threads: ThreadsOpt = None,
+    st_tokens: Annotated[
+        bool,
+        typer.Option(
+            "--st-tokens",
+            help="Add the two ST tokens (each cell's total count) after CLS, as the authors' fine-tuning "
+            "model; lora/full train them (new ones if the model has none), frozen needs a model with them.",
+        ),
+    ] = False,
 ) -> None:
     """Train a cell type annotator on a labelled reference."""
     from cellfm.tasks.annotation import CellTypeAnnotator
+    from cellfm.tasks.annotation_data import refuse_frozen_without_st
+    from cellfm.wording import cli_wording
 
     _threads(threads)
     if mode not in ("frozen", "lora", "full"):
@@ -108,6 +118,12 @@ def annotate_fit(
         _fail(f"{output} is not empty; pass --overwrite to replace it", 2)
     adata = _read(reference)
     cfm = _load_model(model)
+    if st_tokens:
+        with cli_wording():
+            try:
+                refuse_frozen_without_st(cfm, mode)
+            except ValueError as err:
+                _fail(f"--model {model}: {err}", 2)
     try:
         ann = CellTypeAnnotator().fit(
             adata,
@@ -119,6 +135,7 @@ def annotate_fit(
             batch_size=batch_size,
             lora_rank=lora_rank,
             min_cells_per_class=min_cells_per_class,
+            st_tokens=st_tokens,
         )
     except (KeyError, ValueError) as err:
         _fail(str(err).strip('"'))
@@ -132,6 +149,7 @@ def annotate_fit(
         + f"\nannotator with {len(ann.classes)} classes ({mode}, {head} head) written to {output}; "
         f"val accuracy {scores['val_acc']:.3f}, temperature {ann.temperature:.2f}; the open-set cut-offs "
         f"reject {ann.open_set.reference_rejected:.1%} of held-out reference cells"
+        + (f"; ST tokens ({ann.settings['st_weights']} weights)" if st_tokens else "")
     )
 
 

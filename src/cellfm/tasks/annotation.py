@@ -12,6 +12,9 @@ Modes, as in the official CellAnnotation tutorial:
   on them.
 - "lora": LoRA adapters (rank `lora_rank`) in every encoder projection + the head.
 - "full": every encoder parameter trains with the head.
+`st_tokens=True` puts the two ST tokens of the authors' fine-tuning model (the cell's total count)
+after CLS in every mode; in lora / full they train (new ones, official init, when the model has
+none: `settings["st_weights"]` says "new" or "checkpoint").
 LoRA / full first train the head on the frozen encoder (linear-probe-then-fine-tune) and keep that
 state unless joint training lowers the validation loss. Then temperature scaling and the open-set
 rule are calibrated on the validation cells (`annotation_open_set`).
@@ -32,6 +35,7 @@ from cellfm.tasks.annotation_cache import TokenStates
 from cellfm.tasks.annotation_data import (
     checked_labels,
     matched_genes,
+    st_encoder,
     stratified_split,
     token_batches,
     trainable_copy,
@@ -108,6 +112,7 @@ class CellTypeAnnotator:
         device: str | torch.device | None = "cpu",
         seed: int = 0,
         progress: bool = True,
+        st_tokens: bool = False,
     ) -> CellTypeAnnotator:
         """Train on the labelled cells of `adata` (raw counts in X) with labels in `obs[label_key]`.
 
@@ -116,6 +121,7 @@ class CellTypeAnnotator:
         encoder defaults to 20 ("official") or 100 ("cls_mlp"); of joint training (lora/full) to 10.
         `threshold` (min confidence) and the centroid-distance cut-off are calibrated so that at
         most `max_rejected` of the held-out reference cells would be called unknown.
+        `st_tokens`: ST tokens in the encoder's input (frozen mode needs a model with ST weights).
         """
         from cellfm.embedding import resolve_device, resolve_model
 
@@ -137,6 +143,10 @@ class CellTypeAnnotator:
 
         dev = resolve_device(device)
         base = resolve_model(model)
+        st_weights = None
+        if st_tokens:
+            torch.manual_seed(seed)  # new ST weights, if any, are reproducible
+            base, st_weights = st_encoder(base, mode)
         self.encoder_source = str(model) if not _is_model_object(model) and mode == "frozen" else None
         self.reference_genes = matched_genes(ref, base)
         head_epochs = 20 if head == "official" else 100
@@ -157,6 +167,8 @@ class CellTypeAnnotator:
             min_cells_per_class=min_cells_per_class,
             max_rejected=max_rejected,
             seed=seed,
+            st_tokens=bool(st_tokens),
+            st_weights=st_weights,
         )
         self.history, self.stops = [], []
 
@@ -168,7 +180,7 @@ class CellTypeAnnotator:
         self.head = new_head(head, base.config, n_cls).to(dev)
 
         cache = TokenStates.compute(
-            ref, base, dev, keep_tokens=head == "official", progress=progress, seed=seed
+            ref, base, dev, keep_tokens=head == "official", progress=progress, seed=seed, st_tokens=st_tokens
         )
         if isinstance(self.head, AnnotationHead):
             self.head.set_input_scale(torch.from_numpy(cache.cls[train_idx]).to(dev))
@@ -190,12 +202,13 @@ class CellTypeAnnotator:
             )
         self.encoder = base
         if mode != "frozen":
-            self.encoder = trainable_copy(base, mode, lora_rank)
+            self.encoder = trainable_copy(base, mode, lora_rank, train_st=st_tokens)
             self._train_encoder(
                 ref, y, train_idx, val_idx, weight, max_epochs, patience, batch_size, lr, dev, seed, progress
             )
             cache = TokenStates.compute(
-                ref, self.encoder, dev, keep_tokens=head == "official", progress=progress, seed=seed
+                ref, self.encoder, dev, keep_tokens=head == "official", progress=progress, seed=seed,
+                st_tokens=st_tokens,
             )
 
         # calibration on the held-out (validation) cells
@@ -226,7 +239,8 @@ class CellTypeAnnotator:
         y_train, y_val = torch.from_numpy(y[train_idx]).long(), torch.from_numpy(y[val_idx]).long()
         # the warm head moves at the encoder's pace (official recipe: one learning rate)
         epoch, validate = encoder_epoch_fn(
-            module, self.head, train_batches, val_batches, y_train, y_val, weight, lr, lr, dev, seed
+            module, self.head, train_batches, val_batches, y_train, y_val, weight, lr, lr, dev, seed,
+            st_tokens=self.settings["st_tokens"],
         )
         self.stops.append(
             train_with_early_stopping(
@@ -326,6 +340,7 @@ class CellTypeAnnotator:
             keep_tokens=self.head_type == "official",
             progress=progress,
             seed=self.settings.get("seed", 0),
+            st_tokens=self.settings.get("st_tokens", False),
         )
         self.head.to(dev)
         logits = evaluate_cached(self.head, cache, np.arange(adata.n_obs), None, None, dev)[0]

@@ -8,6 +8,10 @@ is removed with the object. Measured on pbmc3k (2,638 cells, 508,820 tokens, cac
 cellfm-mini, one CPU thread (benchmarks/annotation.py): encoder pass 14.9 s, one head epoch on the
 cache 5.0 s (2,374 cells, forward + backward, and 264 validation cells); recomputing the encoder
 every epoch would cost 18.4 s per epoch, so the states are cached.
+
+With ST tokens (`st_tokens=True`, the authors' fine-tuning model) the encoder sees
+[CLS, ST, ST] + genes; the heads read CLS and the gene tokens, so the ST rows are left out here
+(`encoder_states`), as the authors' port leaves them out of its classifier.
 """
 
 from __future__ import annotations
@@ -23,6 +27,18 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from cellfm.cellfm import CellFM
+
+
+def encoder_states(module: torch.nn.Module, batch, st_tokens: bool = False) -> torch.Tensor:
+    """Last-layer states (B, 1+L, D) of a CellBatch: CLS, then the gene tokens. With `st_tokens`
+    the two ST tokens (S = T = the cell's total) join the sequence but not the result."""
+    from cellfm.model.st_tokens import st_features
+
+    st_feat = st_features(batch.totals) if st_tokens else None  # (B, 2)
+    states, _ = module.encode(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)  # (B, P+L, D)
+    if st_tokens:
+        states = torch.cat([states[:, :1], states[:, 3:]], dim=1)  # drop the ST rows
+    return states
 
 
 class TokenStates:
@@ -54,9 +70,11 @@ class TokenStates:
         memory_limit: int = 2 << 30,
         progress: bool = True,
         seed: int = 0,
+        st_tokens: bool = False,
     ) -> TokenStates:
         """Run the encoder once over `adata` (raw counts). Cells without any matched gene get a
-        zero CLS and no tokens. `keep_tokens=False` keeps only the CLS (for CLS-only heads)."""
+        zero CLS and no tokens. `keep_tokens=False` keeps only the CLS (for CLS-only heads);
+        `st_tokens` feeds the model's ST tokens (see `encoder_states`)."""
         from tqdm.auto import tqdm
 
         from cellfm.embedding_plan import expressed_matched_genes, match_genes
@@ -89,7 +107,7 @@ class TokenStates:
                     adata, mapping, batch_size=batch_size, max_genes=config.max_genes, seed=seed
                 ):
                     b = b.to(device)
-                    states, _ = module.encode(b.gene_ids, b.values, b.token_mask)  # (B, L+1, D)
+                    states = encoder_states(module, b, st_tokens)  # (B, 1+L, D)
                     rows = b.cell_index.cpu().numpy()
                     cls_out[rows] = states[:, 0].float().cpu().numpy()
                     if keep_tokens:

@@ -1,6 +1,6 @@
 """Reference preparation for the cell type annotator: label checks, the stratified validation
-split, gene matching, tokenized batches and the trainable copy of the encoder (LoRA / full).
-Nothing here trains or predicts."""
+split, gene matching, tokenized batches, the encoder with ST tokens and the trainable copy of the
+encoder (LoRA / full). Nothing here trains or predicts."""
 
 from __future__ import annotations
 
@@ -80,8 +80,40 @@ def token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int) 
     )
 
 
-def trainable_copy(base: CellFM, mode: str, lora_rank: int) -> CellFM:
-    """A copy of the encoder with the parameters of `mode` trainable (the base model is untouched)."""
+def refuse_frozen_without_st(model: CellFM, mode: str) -> None:
+    """ST tokens with a frozen encoder need trained ST weights: new random ones would only add
+    noise that nothing learns to use."""
+    from cellfm.wording import arg
+
+    if mode == "frozen" and not model.config.st_tokens:
+        raise ValueError(
+            f"{arg('st_tokens', True)} with {arg('mode', 'frozen')} needs a model with ST-token weights "
+            "and this one has none (the official 80M release, cellfm-80m, carries them); use "
+            f"{arg('mode', 'lora')} or {arg('mode', 'full')} to create and train new ones, or leave out "
+            f"{arg('st_tokens', True)}"
+        )
+
+
+def st_encoder(base: CellFM, mode: str) -> tuple[CellFM, str]:
+    """(encoder with ST tokens, where its ST weights come from: "checkpoint" or "new"). A model
+    without them gets new ones (official init) in lora / full mode, with a warning; they train
+    with the encoder."""
+    from cellfm.wording import arg
+
+    refuse_frozen_without_st(base, mode)
+    if base.config.st_tokens:
+        return base, "checkpoint"
+    warnings.warn(
+        f"{arg('st_tokens', True)}: the model has no ST-token weights, so new ones were created "
+        f"(official init); they are trained with the encoder ({arg('mode', mode)})",
+        stacklevel=3,
+    )
+    return base.with_st_tokens(), "new"
+
+
+def trainable_copy(base: CellFM, mode: str, lora_rank: int, train_st: bool = False) -> CellFM:
+    """A copy of the encoder with the parameters of `mode` trainable (the base model is untouched);
+    `train_st`: the ST tokens train too (in "full" mode everything does)."""
     from cellfm.cellfm import CellFM
     from cellfm.model import CellFMModule
 
@@ -99,5 +131,5 @@ def trainable_copy(base: CellFM, mode: str, lora_rank: int) -> CellFM:
     if bad:
         raise ValueError(f"base weights do not fit the LoRA model: {bad[:5]}")
     for name, p in module.named_parameters():
-        p.requires_grad_("lora_" in name)
+        p.requires_grad_("lora_" in name or (train_st and name.startswith("st.")))
     return CellFM(config, module, base.vocab)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cellfm.model.cell_type_head import CellTypeHead, annotation_loss
-from cellfm.tasks.annotation_cache import TokenStates
+from cellfm.tasks.annotation_cache import TokenStates, encoder_states
 
 log = logging.getLogger(__name__)
 GRAD_CLIP_VALUE = 2.0  # official fine-tuning wrapper: element-wise clip of every gradient to +-2
@@ -132,9 +132,11 @@ def encoder_epoch_fn(
     head_lr: float,
     device,
     seed: int,
+    st_tokens: bool = False,
 ) -> tuple[Callable[[], EpochScores], Callable[[], EpochScores]]:
     """(epoch, validate) for joint training of the encoder's trainable parameters and the head
-    (official recipe: Adam, weight decay 1e-5, gradients clipped to +-2 element-wise)."""
+    (official recipe: Adam, weight decay 1e-5, gradients clipped to +-2 element-wise); with
+    `st_tokens` the ST tokens are in the sequence (and trained when trainable)."""
     enc_params = [p for p in encoder_module.parameters() if p.requires_grad]
     opt = torch.optim.Adam(
         [
@@ -148,7 +150,7 @@ def encoder_epoch_fn(
 
     def run(b, y):
         b = b.to(device)
-        states, _ = encoder_module.encode(b.gene_ids, b.values, b.token_mask)  # (B, 1+L, D)
+        states = encoder_states(encoder_module, b, st_tokens)  # (B, 1+L, D)
         yb = y[b.cell_index.cpu()].to(device)
         logits, loss = head_logits_and_loss(head, states, b.token_mask, yb, w)
         return logits, loss, yb

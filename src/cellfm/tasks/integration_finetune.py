@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import logging
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -28,8 +27,6 @@ if TYPE_CHECKING:
     import anndata as ad
 
     from cellfm.cellfm import CellFM
-
-log = logging.getLogger(__name__)
 
 
 def downsample(values: torch.Tensor, token_mask: torch.Tensor, totals: torch.Tensor,
@@ -60,21 +57,6 @@ def integration_loss(output, batch, targets: torch.Tensor, ecs_threshold: float 
     terms["ecs"] = ecs_loss(cell_pred, ecs_threshold)
     terms["loss"] = terms["loss"] + ecs_weight * terms["ecs"]
     return terms
-
-
-def with_st_tokens(model: CellFM) -> CellFM:
-    """`model` as an ST-token model: itself when it has ST weights, else a copy with new ones."""
-    from cellfm.cellfm import CellFM
-    from cellfm.model import CellFMModule
-
-    if model.config.st_tokens:
-        return model
-    config = model.config.replace(st_tokens=True)
-    module = CellFMModule(config)
-    missing, unexpected = module.load_state_dict(model.module.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("st.") for k in missing), (missing, unexpected)
-    log.info("model has no ST-token weights: new ones are initialised (%s)", ", ".join(missing))
-    return CellFM(config, module, model.vocab)
 
 
 def ecs_loss(cell_emb: torch.Tensor, threshold: float = 0.8) -> torch.Tensor:
@@ -116,7 +98,7 @@ def fine_tune_for_integration(
 
     dev = resolve_device(device)
     if st_tokens:
-        model = with_st_tokens(model)
+        model = model.with_st_tokens()
     tuned = CellFM(model.config, copy.deepcopy(model.module), model.vocab)
     module = tuned.module.to(dev)
     for p in module.parameters():
