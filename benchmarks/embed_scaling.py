@@ -79,7 +79,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--model", default="cellfm-mini")
     p.add_argument("--chunk-cells", type=int, default=None, help="default: 8 chunks per process")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="cellfm embed's CPU default")
     args = p.parse_args()
     if not args.data.exists():
         sys.exit(f"{args.data} not found: pass --data with an .h5ad of raw counts")

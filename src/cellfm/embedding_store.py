@@ -144,7 +144,7 @@ def embed_file(
     out: str | Path,
     *,
     obsm_only: bool = False,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: str | torch.device | None = None,
     layer: str | None = None,
     key_added: str = "X_cellfm",
@@ -174,7 +174,14 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import embed_batch, on_device, require_st_weights, resolve_device, resolve_model
+    from cellfm.embedding import (
+        default_batch_size,
+        embed_batch,
+        on_device,
+        require_st_weights,
+        resolve_device,
+        resolve_model,
+    )
     from cellfm.embedding_inputs import open_input
     from cellfm.embedding_output import write_streamed
     from cellfm.io import check_output
@@ -184,7 +191,7 @@ def embed_file(
     from cellfm.wording import arg
 
     path, out = Path(path), Path(out)
-    if (chunk_cells is not None and chunk_cells < 1) or batch_size < 1:
+    if (chunk_cells is not None and chunk_cells < 1) or (batch_size is not None and batch_size < 1):
         raise ValueError(f"{arg('chunk_cells', chunk_cells)} and {arg('batch_size', batch_size)} must be "
                          "positive")
     if empty not in ("raise", "zero"):
@@ -195,6 +202,7 @@ def embed_file(
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    batch_size = batch_size or default_batch_size(dev)
     created = join_process_group(dev)
     opened = None
     try:

@@ -33,7 +33,9 @@ def embed(
         "--model", metavar="NAME|PATH", help="Built-in model name, model folder or checkpoint.",
     )] = "cellfm-mini",
     device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu, cuda or auto.")] = "auto",
-    batch_size: Annotated[int, typer.Option(metavar="N", help="Cells per forward pass.")] = 64,
+    batch_size: Annotated[int | None, typer.Option(
+        metavar="N", show_default=False,
+        help="Cells per forward pass (default: 16 on CPU, 64 on a GPU).")] = None,
     layer: Annotated[str | None, typer.Option(
         metavar="LAYER", show_default=False,
         help="Take counts from this layer of the input (or 'raw' for .raw), not X.")] = None,
@@ -66,7 +68,8 @@ def embed(
                obsm_only, overwrite, threads, backed, chunk_cells, st_tokens)
 
 
-def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int, layer: str | None,
+def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int | None,
+           layer: str | None,
            gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
            threads: int | None, backed: bool, chunk_cells: int | None, st_tokens: bool = False) -> None:
     import time
@@ -91,7 +94,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
         fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
     if threads is not None and threads < 1:
         fail(f"--threads {threads}: give at least 1", 2)
-    if (chunk_cells is not None and chunk_cells < 1) or batch_size < 1:
+    if (chunk_cells is not None and chunk_cells < 1) or (batch_size is not None and batch_size < 1):
         fail(f"--chunk-cells {chunk_cells} / --batch-size {batch_size}: give at least 1", 2)
     try:
         check_output(output, overwrite=overwrite)
