@@ -1,11 +1,11 @@
-"""Genetic perturbation: predict the mean expression change of an unseen knock-out.
+"""Genetic perturbation, the fast way: predict the mean expression change of an unseen knock-out
+from the knocked-out gene's CellFM gene embedding alone (`cellfm perturb --method embedding`).
+GEARS itself, GEARS + CellFM and the linear baselines on GEARS' splits are in
+`perturbation_benchmark.py`; this module also holds the pieces they share (effects, Pearson).
 
-GEARS needs torch_geometric and downloads its gene graphs, so this is an offline GEARS-like
-equivalent: the effect of knocking out gene g is predicted from g's CellFM gene embedding, either
-by ridge regression (embedding -> delta over the measured genes) or by a similarity-weighted average
-of the training knock-outs' effects (GEARS' intuition that similar genes perturb alike, with the
-gene graph replaced by cosine similarity of gene embeddings). Training and test perturbations are
-disjoint (k-fold over perturbations).
+The effect of knocking out gene g is predicted by ridge regression (embedding -> delta over the
+measured genes) or by a similarity-weighted average of the training knock-outs' effects. Training
+and test perturbations are disjoint (k-fold over perturbations).
 
 Baselines: the mean effect of the training perturbations (hard to beat when knock-outs share a
 pathway), ridge on expression statistics of the perturbed gene in real cells, and ridge on random

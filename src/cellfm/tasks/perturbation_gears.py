@@ -31,7 +31,6 @@ if TYPE_CHECKING:
     import anndata as ad
 
 
-
 @dataclass(frozen=True)
 class GearsConfig:
     """GEARS' own defaults except where CPU time needs less (`max_cells_per_condition`)."""
@@ -41,7 +40,7 @@ class GearsConfig:
     hidden_size: int = 64  # GEARS' default; the CellFM authors used 512 with their 1536-wide model
     lr: float = 1e-3
     train_gene_set_size: float = 0.75
-    max_cells_per_condition: int | None = 400  # None: every cell (GEARS trains on all)
+    max_cells_per_condition: int | None = 200  # None: every cell (GEARS trains on all)
     device: str = "cpu"
 
 
