@@ -1,7 +1,9 @@
 """Downstream tasks on CellFM embeddings, each evaluated against classical baselines on real data.
 
-One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation`,
-`gene_function`, `gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
+One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation` (fast
+predictors) and `perturbation_benchmark` (GEARS, GEARS + CellFM, baselines; its parts in
+`perturbation_gears`, `gears_cell_tokens`, `go_graph`, `perturbation_baselines`), `gene_function`,
+`gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
 `integration_metrics`, `integration_baselines`, `benchmark_data`, `gene_labels`, `report_plots`;
 the annotator's parts live in `annotation_*` modules (cache, data, training, open set, io, eval,
 the CLS-MLP head).
@@ -19,6 +21,8 @@ _EXPORTS = {
     "integration_baselines": "cellfm.tasks.integration_baselines",
     "perturbation_effects": "cellfm.tasks.perturbation",
     "evaluate_perturbation": "cellfm.tasks.perturbation",
+    "evaluate_perturbation_gears": "cellfm.tasks.perturbation_benchmark",
+    "GearsConfig": "cellfm.tasks.perturbation_gears",
     "evaluate_binary_tasks": "cellfm.tasks.gene_function",
     "evaluate_go_terms": "cellfm.tasks.gene_function",
     "gene_neighbours": "cellfm.tasks.gene_network",
