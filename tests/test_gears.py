@@ -39,6 +39,22 @@ def test_go_graph_is_gears_jaccard_rule_on_real_annotations(gene2go):
     assert stat1.sort_values("importance").source.iloc[-1] in {"STAT2", "STAT3"}
 
 
+def test_old_symbols_of_the_screen_find_their_go_terms(gene2go, shared_data):
+    """Papalexi names MARCHF8 by its old symbol MARCH8; without the alias GEARS would silently
+    treat MARCH8 knock-out cells as unperturbed."""
+    import anndata as ad
+
+    from cellfm.tasks.perturbation_benchmark import _known_targets
+
+    assert gene2go["MARCH8"] == gene2go["MARCHF8"]
+    assert "TP53" in gene2go and "NOT_A_GENE" not in gene2go
+    cells = ad.AnnData(obs={"condition": ["ctrl", "MARCH8+ctrl", "NOT_A_GENE+ctrl", "STAT1+ctrl"]})
+    said = []
+    kept = _known_targets(cells, "condition", "ctrl", gene2go, said.append)
+    assert list(kept.obs.condition) == ["ctrl", "MARCH8+ctrl", "STAT1+ctrl"]
+    assert "NOT_A_GENE+ctrl" in said[0]
+
+
 def test_linear_baseline_recovers_a_planted_linear_model():
     from cellfm.tasks.perturbation_baselines import linear_model_predict
 

@@ -253,6 +253,18 @@ def perturb(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (TSV tables).")],
     model: ModelOpt = "cellfm-mini",
     data_dir: DataDirOpt = None,
+    input: Annotated[
+        Path | None,
+        typer.Option("--input", help="Your own screen (.h5ad, raw counts) instead of Papalexi 2021; "
+                     "obs[--condition-key] is 'ctrl' or 'GENE+ctrl'."),
+    ] = None,
+    condition_key: Annotated[str, typer.Option(help="obs column of the condition.")] = "condition",
+    control: Annotated[str, typer.Option(help="Condition name of the control cells.")] = "ctrl",
+    size_factor_key: Annotated[
+        str | None,
+        typer.Option(help="obs column with each cell's full-transcriptome count (used when present; "
+                     "else the panel's total)."),
+    ] = "response_n_umis",
     method: Annotated[
         str,
         typer.Option(help="gears: GEARS, GEARS + CellFM gene tokens and the linear baselines on GEARS' "
@@ -289,16 +301,22 @@ def perturb(
     _threads(threads)
     cfm = _load_model(model)
     try:
-        adata = load_benchmark("papalexi", data_dir)
+        adata = _read(input) if input is not None else load_benchmark("papalexi", data_dir)
         ref = load_benchmark("pbmc4k", data_dir) if method == "embedding" else None
         go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
         _fail(str(err), 2)
+    if condition_key not in adata.obs.columns:
+        _fail(f"obs has no column {condition_key!r} (columns: {list(adata.obs.columns)}); pass "
+              "--condition-key with the perturbation condition ('ctrl' or 'GENE+ctrl')", 2)
+    if not (adata.obs[condition_key].astype(str) == control).any():
+        _fail(f"no control cells: obs[{condition_key!r}] never equals {control!r}; pass --control", 2)
     output.mkdir(parents=True, exist_ok=True)
     if method == "embedding":
         from cellfm.tasks.perturbation import evaluate_perturbation
 
-        r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds)
+        r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds, condition_key=condition_key,
+                                  control=control)
         _write_tsv(r["table"], output / "perturbation_scores.tsv")
         _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
         _print_table(r["table"], f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
@@ -309,7 +327,8 @@ def perturb(
     cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
     try:
         r = evaluate_perturbation_gears(adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
-                                        log=typer.echo)
+                                        condition_key=condition_key, control=control,
+                                        size_factor_key=size_factor_key, log=typer.echo)
     except FileNotFoundError as err:
         _fail(str(err).replace("go_dir=", "--data-dir"), 2)
     _write_tsv(r["table"], output / "perturbation_scores.tsv")

@@ -18,6 +18,7 @@ import pandas as pd
 
 GO_ROOTS = {"GO:0008150", "GO:0005575", "GO:0003674"}  # BP, CC, MF roots ("no data" annotations)
 ANNOTATION_FILE = "go_annotations_direct.tsv.gz"
+GENES_FILE = "genes.tsv.gz"
 
 
 def load_gene2go(go_dir: str | Path, ontologies: Iterable[str] = ("BP", "CC", "MF")) -> dict[str, set[str]]:
@@ -34,6 +35,19 @@ def load_gene2go(go_dir: str | Path, ontologies: Iterable[str] = ("BP", "CC", "M
     gene2go: dict[str, set[str]] = {}
     for symbol, go_id in zip(table.symbol[keep], table.go_id[keep], strict=True):
         gene2go.setdefault(symbol, set()).add(go_id)
+    # screens name genes by the symbol of their day (MARCH8, now MARCHF8): an alias that belongs to
+    # exactly one gene and is no gene's current symbol gets that gene's terms
+    genes_path = Path(go_dir) / GENES_FILE
+    if genes_path.exists():
+        genes = pd.read_csv(genes_path, sep="\t", usecols=["symbol", "alias_symbols"]).dropna()
+        current = set(genes.symbol)
+        owners: dict[str, set[str]] = {}
+        for symbol, aliases in zip(genes.symbol, genes.alias_symbols, strict=True):
+            for alias in aliases.split(";"):
+                owners.setdefault(alias, set()).add(symbol)
+        for alias, symbols in owners.items():
+            if len(symbols) == 1 and alias not in current and next(iter(symbols)) in gene2go:
+                gene2go[alias] = gene2go[next(iter(symbols))]
     return gene2go
 
 

@@ -46,6 +46,7 @@ def evaluate_perturbation_gears(
     "per_perturbation": one row per method, seed and perturbation, "config": the GearsConfig}.
     """
     from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_tokens
+    from cellfm.tasks.go_graph import load_gene2go
     from cellfm.tasks.perturbation_gears import (
         de_genes,
         gears_input,
@@ -62,6 +63,7 @@ def evaluate_perturbation_gears(
     work = Path(tmp.name if tmp else workdir)
     try:
         np.random.seed(0)  # GEARS pairs cells with random control cells through numpy's global RNG
+        adata = _known_targets(adata, condition_key, control, load_gene2go(go_dir), log)
         data = gears_input(adata, condition_key, control, size_factor_key, cfg.max_cells_per_condition)
         log(f"GEARS input: {data.n_obs} cells x {data.n_vars} genes, "
             f"{data.obs.condition.nunique() - 1} perturbations")
@@ -104,6 +106,19 @@ def evaluate_perturbation_gears(
             tmp.cleanup()
     per = pd.concat(rows, ignore_index=True)
     return {"table": summarise(per), "per_perturbation": per, "config": cfg, "seeds": tuple(seeds)}
+
+
+def _known_targets(adata: ad.AnnData, condition_key: str, control: str, gene2go: dict, log) -> ad.AnnData:
+    """Drop conditions whose target has no GO annotation: GEARS would treat their cells as
+    unperturbed (cell-gears gives an unknown target no perturbation index), silently."""
+    cond = adata.obs[condition_key].astype(str)
+    targets = {c: [g for g in c.split("+") if g != "ctrl"] for c in cond.unique() if c != control}
+    unknown = sorted(c for c, genes in targets.items() if not all(g in gene2go for g in genes))
+    if not unknown:
+        return adata
+    log(f"left out {len(unknown)} condition(s) whose target has no GO annotation (GEARS needs one): "
+        + ", ".join(unknown))
+    return adata[~cond.isin(unknown).to_numpy()].copy()
 
 
 def summarise(per: pd.DataFrame) -> pd.DataFrame:
