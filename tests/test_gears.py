@@ -169,6 +169,20 @@ def test_cli_perturb_refuses_bad_method(tmp_path):
     assert r.returncode == 2 and "--method 'gnn'" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_cli_perturb_own_screen_names_the_flags(shared_data, tmp_path):
+    from cellfm.tasks.benchmark_data import load_benchmark
+
+    screen = load_benchmark("papalexi", shared_data)[:200].copy()
+    screen.obs = screen.obs.rename(columns={"condition": "guide_target"})
+    screen.write_h5ad(tmp_path / "screen.h5ad")
+    args = ("perturb", "-o", str(tmp_path / "out"), "--input", str(tmp_path / "screen.h5ad"),
+            "--data-dir", str(shared_data), "--method", "embedding")
+    r = _cli(*args)
+    assert r.returncode == 2 and "--condition-key" in r.stderr and "guide_target" in r.stderr
+    r = _cli(*args, "--condition-key", "guide_target", "--control", "non-targeting")
+    assert r.returncode == 2 and "--control" in r.stderr and "Traceback" not in r.stderr
+
+
 def _cli(*args: str):
     import subprocess
     import sys
