@@ -306,11 +306,14 @@ def perturb(
         go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
         _fail(str(err), 2)
-    if condition_key not in adata.obs.columns:
-        _fail(f"obs has no column {condition_key!r} (columns: {list(adata.obs.columns)}); pass "
-              "--condition-key with the perturbation condition ('ctrl' or 'GENE+ctrl')", 2)
-    if not (adata.obs[condition_key].astype(str) == control).any():
-        _fail(f"no control cells: obs[{condition_key!r}] never equals {control!r}; pass --control", 2)
+    from cellfm.tasks.perturbation import condition_labels
+    from cellfm.wording import cli_wording
+
+    try:
+        with cli_wording():  # checked before the long work, in flags
+            condition_labels(adata, condition_key, control)
+    except (KeyError, ValueError) as err:
+        _fail(err.args[0], 2)
     output.mkdir(parents=True, exist_ok=True)
     if method == "embedding":
         from cellfm.tasks.perturbation import evaluate_perturbation

@@ -42,14 +42,7 @@ def perturbation_effects(
     """
     from cellfm.tasks.baselines import lognorm
 
-    if condition_key not in adata.obs.columns:
-        raise KeyError(
-            f"obs has no column {condition_key!r} (columns: {list(adata.obs.columns)}); pass "
-            "condition_key= with the perturbation condition ('ctrl' or 'GENE+ctrl')"
-        )
-    cond = adata.obs[condition_key].astype(str).to_numpy()
-    if not (cond == control).any():
-        raise ValueError(f"no control cells: obs[{condition_key!r}] never equals {control!r}")
+    cond = condition_labels(adata, condition_key, control)
     totals = None
     if size_factor_key is not None and size_factor_key in adata.obs.columns:
         totals = adata.obs[size_factor_key].to_numpy(dtype=np.float64)
@@ -67,6 +60,26 @@ def perturbation_effects(
     return pd.DataFrame(
         np.stack(rows), index=pd.Index(names, name="perturbation"), columns=adata.var_names.astype(str)
     )
+
+
+def condition_labels(
+    adata: ad.AnnData, condition_key: str = "condition", control: str = "ctrl"
+) -> np.ndarray:
+    """obs[condition_key] as strings, refused when the column or the control cells are missing
+    (the advice names `condition_key=` / `--condition-key` by the interface in use)."""
+    from cellfm.wording import arg
+
+    if condition_key not in adata.obs.columns:
+        raise KeyError(
+            f"obs has no column {condition_key!r} (columns: {list(adata.obs.columns)}); pass "
+            f"{arg('condition_key', placeholder='column')} with the perturbation condition "
+            "('ctrl' or 'GENE+ctrl')"
+        )
+    cond = adata.obs[condition_key].astype(str).to_numpy()
+    if not (cond == control).any():
+        raise ValueError(f"no control cells: obs[{condition_key!r}] never equals {control!r}; pass "
+                         f"{arg('control', placeholder='name')} with the control condition's name")
+    return cond
 
 
 def ridge_predict(train_X: np.ndarray, train_Y: np.ndarray, test_X: np.ndarray) -> np.ndarray:

@@ -47,6 +47,7 @@ def evaluate_perturbation_gears(
     """
     from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_tokens
     from cellfm.tasks.go_graph import load_gene2go
+    from cellfm.tasks.perturbation import condition_labels
     from cellfm.tasks.perturbation_gears import (
         de_genes,
         gears_input,
@@ -62,6 +63,7 @@ def evaluate_perturbation_gears(
     tmp = tempfile.TemporaryDirectory(prefix="cellfm-gears-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
+        condition_labels(adata, condition_key, control)  # a clear error before anything is built
         np.random.seed(0)  # GEARS pairs cells with random control cells through numpy's global RNG
         adata = _known_targets(adata, condition_key, control, load_gene2go(go_dir), log)
         data = gears_input(adata, condition_key, control, size_factor_key, cfg.max_cells_per_condition)

@@ -65,12 +65,9 @@ def gears_input(
     import anndata as ad
 
     from cellfm.tasks.baselines import lognorm
+    from cellfm.tasks.perturbation import condition_labels
 
-    if condition_key not in adata.obs.columns:
-        raise KeyError(f"obs has no column {condition_key!r}; pass condition_key= ('ctrl' or 'GENE+ctrl')")
-    cond = adata.obs[condition_key].astype(str).to_numpy()
-    if not (cond == control).any():
-        raise ValueError(f"no control cells: obs[{condition_key!r}] never equals {control!r}")
+    cond = condition_labels(adata, condition_key, control)
     rng = np.random.default_rng(seed)
     keep = []
     for c in pd.unique(cond):
