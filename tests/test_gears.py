@@ -73,7 +73,7 @@ def test_linear_baseline_recovers_a_planted_linear_model():
 
 
 @pytest.fixture(scope="module")
-def pert_data(shared_data, tmp_path_factory):
+def pert_data(shared_data, tmp_path_factory, gene2go):
     """GEARS PertData on 25 real cells per condition, built with every socket refused."""
     pytest.importorskip("gears", reason="GEARS not installed: pip install 'cellfm[gears]'")
     from cellfm.tasks.benchmark_data import load_benchmark
@@ -84,8 +84,7 @@ def pert_data(shared_data, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("network used")))
     try:
-        go_dir = shared_data / "go_annotations_org_hs_eg_db"
-        pdata = prepare_pert_data(data, tmp_path_factory.mktemp("gears"), go_dir)
+        pdata = prepare_pert_data(data, tmp_path_factory.mktemp("gears"), gene2go)
     finally:
         mp.undo()
     pdata.prepare_split("simulation", seed=1)

@@ -333,7 +333,7 @@ def perturb(
                                         condition_key=condition_key, control=control,
                                         size_factor_key=size_factor_key, log=typer.echo)
     except FileNotFoundError as err:
-        _fail(str(err).replace("go_dir=", "--data-dir"), 2)
+        _fail(err.args[0], 2)
     _write_tsv(r["table"], output / "perturbation_scores.tsv")
     _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
     _write_text(perturbation_markdown(r["table"]) + "\n", output / "perturbation_scores.md")

@@ -27,8 +27,9 @@ def load_gene2go(go_dir: str | Path, ontologies: Iterable[str] = ("BP", "CC", "M
     path = Path(go_dir) / ANNOTATION_FILE
     if not path.exists():
         raise FileNotFoundError(
-            f"{path} not found: the GO graph needs the org.Hs.eg.db annotations (go_dir=); see "
-            "the README section 'Benchmark data' for how to get go_annotations_org_hs_eg_db"
+            f"{path} not found: the GO graph is built from the org.Hs.eg.db annotations in the "
+            "go_annotations_org_hs_eg_db data folder; its SOURCE.md and the README section "
+            "'Test data' say how to get it"
         )
     table = pd.read_csv(path, sep="\t", usecols=["symbol", "go_id", "evidence", "ontology"])
     keep = table.ontology.isin(list(ontologies)) & (table.evidence != "ND") & ~table.go_id.isin(GO_ROOTS)

@@ -65,11 +65,12 @@ def evaluate_perturbation_gears(
     try:
         condition_labels(adata, condition_key, control)  # a clear error before anything is built
         np.random.seed(0)  # GEARS pairs cells with random control cells through numpy's global RNG
-        adata = _known_targets(adata, condition_key, control, load_gene2go(go_dir), log)
+        gene2go = load_gene2go(go_dir)
+        adata = _known_targets(adata, condition_key, control, gene2go, log)
         data = gears_input(adata, condition_key, control, size_factor_key, cfg.max_cells_per_condition)
         log(f"GEARS input: {data.n_obs} cells x {data.n_vars} genes, "
             f"{data.obs.condition.nunique() - 1} perturbations")
-        pert_data = prepare_pert_data(data, work, go_dir)
+        pert_data = prepare_pert_data(data, work, gene2go)
         ctrl = pert_data.ctrl_adata
         ctrl_X = ctrl.X.toarray()
         ctrl_mean = ctrl_X.mean(0)

@@ -90,16 +90,17 @@ def gears_input(
     return out
 
 
-def prepare_pert_data(adata_gears: ad.AnnData, workdir: str | Path, go_dir: str | Path, quiet: bool = True):
-    """GEARS `PertData` built offline: our GO file in place of its download, the small
-    perturbation graph (panel genes + perturbed genes), DE genes computed by GEARS."""
+def prepare_pert_data(adata_gears: ad.AnnData, workdir: str | Path, gene2go: dict[str, set[str]],
+                      quiet: bool = True):
+    """GEARS `PertData` built offline: `gene2go` (go_graph.load_gene2go) in place of its download,
+    the small perturbation graph (panel genes + perturbed genes), DE genes computed by GEARS."""
     require_gears()
     from gears import PertData
 
-    from cellfm.tasks.go_graph import load_gene2go, write_gears_go_file
+    from cellfm.tasks.go_graph import write_gears_go_file
 
     workdir = Path(workdir)
-    write_gears_go_file(workdir, load_gene2go(go_dir))
+    write_gears_go_file(workdir, gene2go)
     with _quiet(quiet):
         pd_ = PertData(str(workdir), default_pert_graph=False)
         pd_.new_data_process(dataset_name="perturb", adata=adata_gears.copy())
