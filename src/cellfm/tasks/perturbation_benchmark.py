@@ -98,8 +98,7 @@ def evaluate_perturbation_gears(
                 if not np.allclose(gears_truth.loc[test].to_numpy(), truth.to_numpy(), atol=1e-4):
                     raise RuntimeError("GEARS' test cells differ from the test conditions' cells")
             for name, pred in preds.items():
-                per = score_profiles(pd.DataFrame(pred, index=test, columns=truth.columns)
-                                     if isinstance(pred, np.ndarray) else pred, truth, ctrl_mean, de)
+                per = score_profiles(pred, truth, ctrl_mean, de)
                 per.insert(0, "seed", seed)
                 per.insert(0, "method", name)
                 rows.append(per)
@@ -155,7 +154,8 @@ def _perturbation_embeddings(conditions: list[str], model: CellFM, gene2go) -> d
 
 
 def _baselines(train: pd.DataFrame, test: list[str], ctrl_mean: np.ndarray,
-               embeddings: dict[str, pd.DataFrame]) -> dict[str, np.ndarray]:
+               embeddings: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
+    """Predicted profiles (test conditions x genes) of every baseline."""
     from cellfm.tasks.perturbation import similarity_predict
     from cellfm.tasks.perturbation_baselines import linear_model_predict
 
@@ -170,7 +170,7 @@ def _baselines(train: pd.DataFrame, test: list[str], ctrl_mean: np.ndarray,
     E = embeddings["CellFM gene table"]
     delta = similarity_predict(E.loc[train.index].to_numpy(), Y - ctrl_mean, E.loc[test].to_numpy())
     preds["CellFM gene-table similarity (k-NN of effects)"] = delta + ctrl_mean
-    return preds
+    return {name: pd.DataFrame(p, index=test, columns=train.columns) for name, p in preds.items()}
 
 
 def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
