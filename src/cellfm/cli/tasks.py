@@ -306,34 +306,31 @@ def perturb(
         go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
         _fail(str(err), 2)
-    from cellfm.tasks.perturbation import condition_labels
+    from cellfm.tasks.perturbation import evaluate_perturbation
+    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+    from cellfm.tasks.perturbation_gears import GearsConfig
     from cellfm.wording import cli_wording
 
+    cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
     try:
-        with cli_wording():  # checked before the long work, in flags
-            condition_labels(adata, condition_key, control)
-    except (KeyError, ValueError) as err:
+        with cli_wording():  # the input checks run first and name flags
+            if method == "embedding":
+                r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds,
+                                          condition_key=condition_key, control=control)
+            else:
+                r = evaluate_perturbation_gears(
+                    adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
+                    condition_key=condition_key, control=control, size_factor_key=size_factor_key,
+                    log=typer.echo,
+                )
+    except (KeyError, ValueError, FileNotFoundError) as err:
         _fail(err.args[0], 2)
     output.mkdir(parents=True, exist_ok=True)
     if method == "embedding":
-        from cellfm.tasks.perturbation import evaluate_perturbation
-
-        r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds, condition_key=condition_key,
-                                  control=control)
         _write_tsv(r["table"], output / "perturbation_scores.tsv")
         _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
         _print_table(r["table"], f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
         return
-    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
-    from cellfm.tasks.perturbation_gears import GearsConfig
-
-    cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
-    try:
-        r = evaluate_perturbation_gears(adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
-                                        condition_key=condition_key, control=control,
-                                        size_factor_key=size_factor_key, log=typer.echo)
-    except FileNotFoundError as err:
-        _fail(err.args[0], 2)
     _write_tsv(r["table"], output / "perturbation_scores.tsv")
     _write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
     _write_text(perturbation_markdown(r["table"]) + "\n", output / "perturbation_scores.md")

@@ -41,8 +41,10 @@ def perturbation_effects(
     than `min_cells` cells are left out.
     """
     from cellfm.tasks.baselines import lognorm
+    from cellfm.tokenizer.checks import check_counts
 
     cond = condition_labels(adata, condition_key, control)
+    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
     totals = None
     if size_factor_key is not None and size_factor_key in adata.obs.columns:
         totals = adata.obs[size_factor_key].to_numpy(dtype=np.float64)

@@ -66,8 +66,10 @@ def gears_input(
 
     from cellfm.tasks.baselines import lognorm
     from cellfm.tasks.perturbation import condition_labels
+    from cellfm.tokenizer.checks import check_counts
 
     cond = condition_labels(adata, condition_key, control)
+    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
     rng = np.random.default_rng(seed)
     keep = []
     for c in pd.unique(cond):
