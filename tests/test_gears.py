@@ -125,6 +125,10 @@ def test_cellfm_gene_tokens_pair_with_the_right_control_cell(pert_data):
     genes = list(pert_data.adata.var_names)
     tokens = control_gene_tokens(model, X, genes, batch_size=8, progress=False)
     assert tokens.shape == (len(X), len(genes), model.config.d_model)
+    with pytest.raises(ValueError, match="one column per gene"):
+        control_gene_tokens(model, X[:, :-1], genes, progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        control_gene_tokens(model, np.full_like(X[:2], np.nan), genes, progress=False)
     # the tokens of one cell are the encoder's gene outputs for that cell alone
     from cellfm.tasks.perturbation import _map_to_vocab
 

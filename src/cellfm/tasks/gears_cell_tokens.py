@@ -37,6 +37,12 @@ def control_gene_tokens(
     """
     from cellfm.tasks.perturbation import _map_to_vocab
 
+    values = np.asarray(values, dtype=np.float32)
+    if values.ndim != 2 or values.shape[1] != len(genes):
+        raise ValueError(f"values has shape {values.shape} but {len(genes)} genes were given: pass one "
+                         "column per gene (cells x genes)")
+    if not np.isfinite(values).all() or (values < 0).any():
+        raise ValueError("values hold NaN, infinite or negative numbers: pass log1p(count / total * 1e4)")
     ids = torch.as_tensor(_map_to_vocab(genes, model), dtype=torch.long)  # (G,)
     module = model.module.eval()
     dev = next(module.parameters()).device
