@@ -8,12 +8,8 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-if not (hasattr(pytest.importorskip("cellfm.vocab"), "map_genes")
-        and hasattr(pytest.importorskip("cellfm.tokenizer"), "iter_token_batches")):
-    pytest.skip("cellfm.vocab / cellfm.tokenizer are not complete", allow_module_level=True)
-
-import cellfm  # noqa: E402
-from cellfm.embedding import embed, get_gene_embeddings  # noqa: E402
+import cellfm
+from cellfm.embedding import embed, get_gene_embeddings
 
 # (file, var column with symbols or None) — every real .h5ad in shared/data
 DATASETS = {
@@ -237,8 +233,26 @@ def test_layer_raw_uses_the_raw_genes(shared_data, model):
     hvg = adata[:, : adata.n_vars // 3].copy()
     hvg.raw = adata
     hvg.X = _lognorm(hvg.X)
-    with pytest.raises(ValueError, match=r"pass layer='raw' \(raw counts found in adata.raw\)"):
+    with pytest.raises(ValueError, match=r"pass use_raw=True \(raw counts found in adata.raw\)"):
         embed(hvg, model, progress=False)
-    embed(hvg, model, layer="raw", progress=False)
+    assert embed(hvg, model, use_raw=True, progress=False) is hvg
     np.testing.assert_allclose(hvg.obsm["X_cellfm"], full, atol=1e-6)
     assert hvg.uns["cellfm"]["layer"] == "raw" and hvg.uns["cellfm"]["n_input"] == adata.n_vars
+    # a layer really named "raw" is that layer, not adata.raw (scanpy's spelling: use_raw)
+    hvg.layers["raw"] = adata[:, : adata.n_vars // 3].X.copy()
+    embed(hvg, model, layer="raw", key_added="X_layer_raw", progress=False)
+    assert hvg.uns["layer_raw"]["n_input"] == hvg.n_vars and hvg.uns["layer_raw"]["layer"] == "raw"
+    assert hvg.uns["cellfm"]["n_input"] == adata.n_vars  # the first record is kept under its own key
+    assert not np.allclose(hvg.obsm["X_layer_raw"], hvg.obsm["X_cellfm"])
+
+
+def test_embedding_of_a_cell_does_not_depend_on_its_row_or_company(shared_data, model, tmp_path):
+    """Cells above max_genes are sampled by their own counts: a shuffled subset embeds the same."""
+    adata = nonempty(read_cells(shared_data, "pbmc4k_soupx", 120))
+    whole = embed(adata, model, copy=True, progress=False, max_genes=200, batch_size=16)
+    assert (np.asarray((adata.X > 0).sum(1)).ravel() > 200).sum() > 20  # the sampling path runs
+    order = np.random.default_rng(3).permutation(adata.n_obs)[:70]
+    part = adata[order].copy()
+    part.write_h5ad(tmp_path / "part.h5ad")
+    from_file = embed(tmp_path / "part.h5ad", model, progress=False, max_genes=200, batch_size=5)
+    np.testing.assert_allclose(from_file.obsm["X_cellfm"], whole.obsm["X_cellfm"][order], atol=1e-5)

@@ -20,8 +20,8 @@ import torch
 from typer.testing import CliRunner
 
 import cellfm
-import cellfm.embedding_output
-import cellfm.tokenizer
+import cellfm.contract.setup
+import cellfm.io.stream_writer
 from cellfm.cli import _register, app
 from cellfm.datasets import EXAMPLE_PATH
 
@@ -136,7 +136,7 @@ CASES = {
     "dense_float64": (0, None),
     "counts_in_layer": (1, r"pass --layer counts \(raw counts found in layers\['counts'\]\)"),
     "counts_in_layer_chosen": (0, None),
-    "counts_in_raw": (1, r"pass --layer raw \(raw counts found in adata\.raw\)"),
+    "counts_in_raw": (1, r"pass --use-raw \(raw counts found in adata\.raw\)"),
     "ambient": (1, r"not whole numbers.*pass --allow-non-integer"),
     "ambient_allowed": (0, None),
     "zero_cells": (1, r"no cells"),
@@ -201,11 +201,11 @@ def test_bad_input_matrix(case, cells, model_dir, tmp_path, monkeypatch, request
         def interrupted(path, *args, **kwargs):
             Path(path).write_bytes(b"partial")
             raise KeyboardInterrupt
-        monkeypatch.setattr(cellfm.embedding_output, "_append_obsm", interrupted)
+        monkeypatch.setattr(cellfm.io.stream_writer, "_append_obsm", interrupted)
     elif case == "interrupted_embedding":
         def stop(*args, **kwargs):
             raise KeyboardInterrupt
-        monkeypatch.setattr(cellfm.tokenizer, "chunk_batches", stop)
+        monkeypatch.setattr(cellfm.contract.setup, "chunk_batches", stop)
     before, out_before = sha(source), sha(out)
 
     result = runner.invoke(app, ["embed", str(source), "-o", str(out), "--model", model, "--device",

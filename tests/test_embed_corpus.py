@@ -12,7 +12,7 @@ import pytest
 from test_embed_distributed import torchrun_embed
 
 from cellfm.corpus import build_corpus
-from cellfm.embedding_store import embed_file
+from cellfm.embedding.stream import embed_file
 
 N_CELLS, CHUNK = 120, 32
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import cellfm
-from cellfm.embedding_store import embed_file, parts_folder
+from cellfm.embedding.stream import embed_file, parts_folder
 
 N_CELLS, CHUNK = 300, 64  # 5 chunks: rank 0 takes 3, rank 1 takes 2
 
@@ -97,7 +97,7 @@ def test_stopped_run_resumes_in_one_process(cells, model_dir, one_process, tmp_p
     assert len(saved) == 2
     stamps = {p.name: p.stat().st_mtime_ns for p in saved}
 
-    import cellfm.embedding_store as store
+    import cellfm.embedding.stream as store
 
     written = []
     save = store.save_chunk
@@ -138,7 +138,7 @@ def test_10x_h5_streams_in_chunks(cells, model_dir, one_process, tmp_path):
 
     from test_embed_cli import write_10x_h5
 
-    import cellfm.io as cio
+    import cellfm.io.read as cio
 
     original = ad.read_h5ad(cells)
     source = write_10x_h5(original, tmp_path / "cells.h5")

@@ -168,7 +168,7 @@ def test_cli_perturb_runs_gears_offline(shared_data, tmp_path):
 
 
 def test_cli_perturb_refuses_bad_method(tmp_path):
-    r = _cli("perturb", "-o", str(tmp_path), "--method", "gnn")
+    r = _cli("perturb", "-o", str(tmp_path), "--model", "preset:tiny", "--method", "gnn")
     assert r.returncode == 2 and "--method 'gnn'" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -179,7 +179,7 @@ def test_cli_perturb_own_screen_names_the_flags(shared_data, tmp_path):
     screen.obs = screen.obs.rename(columns={"condition": "guide_target"})
     screen.write_h5ad(tmp_path / "screen.h5ad")
     args = ("perturb", "-o", str(tmp_path / "out"), "--input", str(tmp_path / "screen.h5ad"),
-            "--data-dir", str(shared_data), "--method", "embedding")
+            "--model", "preset:tiny", "--data-dir", str(shared_data), "--method", "embedding")
     r = _cli(*args)
     assert r.returncode == 2 and "--condition-key" in r.stderr and "guide_target" in r.stderr
     r = _cli(*args, "--condition-key", "guide_target", "--control", "non-targeting")

@@ -7,17 +7,9 @@ import numpy as np
 import pytest
 import torch
 
+import cellfm.tokenizer as tokenizer
 from cellfm.corpus import CorpusDataset, CorpusLoader, CorpusManifest, ShardInfo, cell_generator
 from cellfm.corpus.shards import CellRows, ShardWriter
-
-try:
-    import cellfm.tokenizer as tokenizer
-
-    HAVE_TOKENIZER = all(hasattr(tokenizer, f) for f in ("tokenize_cell", "mask_values"))
-except ImportError:
-    HAVE_TOKENIZER = False
-needs_tokenizer = pytest.mark.skipif(not HAVE_TOKENIZER, reason="cellfm.tokenizer (tokenize_cell, "
-                                     "mask_values) not available")
 
 N_CELLS = 523  # not a multiple of any batch size used below
 
@@ -50,7 +42,7 @@ def corpus(tmp_path_factory):
 def _ds(corpus, **kw):
     # without the tokenizer: plan, coverage and resume still run (no masks, no 64-gene sampling)
     args = dict(seed=3, epoch=0, rank=0, world_size=1, batch_size=16,
-                max_genes=64 if HAVE_TOKENIZER else 4096, mask=HAVE_TOKENIZER)
+                max_genes=64, mask=True)
     args.update(kw)
     return CorpusDataset(corpus, **args)
 
@@ -114,7 +106,6 @@ def test_resume_mid_epoch_equals_tail(corpus, num_workers):
     _same(head + list(resumed), full)
 
 
-@needs_tokenizer
 def test_batch_equals_per_cell_tokenizer(corpus):
     """The vectorised batch is what tokenize_cell + mask_values give per cell (incl. sampling)."""
     from cellfm.corpus.shards import ShardReader
@@ -191,7 +182,6 @@ def test_batches_mix_shards(corpus, world_size):
         _ds(corpus, mix_shards=0)
 
 
-@needs_tokenizer
 def test_unexpressed_gene_targets(corpus):
     """unexpressed_ratio adds, per cell, round(ratio x loss positions) genes the cell does not
     express but its shard does: hidden, in the loss, value 0; the real tokens are unchanged and

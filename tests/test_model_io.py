@@ -7,10 +7,7 @@ import json
 import pytest
 import torch
 
-if not hasattr(pytest.importorskip("cellfm.vocab"), "load_vocabulary"):
-    pytest.skip("cellfm.vocab is not complete", allow_module_level=True)
-
-from cellfm import CellFM, load  # noqa: E402
+from cellfm import CellFM, load
 
 
 @pytest.fixture(scope="module")

@@ -116,7 +116,7 @@ def test_cli_annotate_fit_st_tokens(ref, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from cellfm.cli.tasks import annotate_app
+    from cellfm.cli.annotate import annotate_app
 
     app = typer.Typer()
     app.add_typer(annotate_app, name="annotate")

@@ -20,12 +20,11 @@ def pbmc3k_cells(shared_data):
 
 
 def test_batches_carry_totals_and_downsampling_thins_counts(pbmc3k_cells):
+    import cellfm
+    from cellfm.contract import setup_cells
     from cellfm.tasks.integration_finetune import downsample
-    from cellfm.tokenizer import iter_token_batches
-    from cellfm.vocab import load_vocabulary, map_genes
 
-    mapping = map_genes(pbmc3k_cells.var_names, load_vocabulary("cellfm-27k"))
-    batch = next(iter(iter_token_batches(pbmc3k_cells, mapping, batch_size=48)))
+    batch = next(iter(setup_cells(pbmc3k_cells, cellfm.CellFM.from_preset("tiny")).batches(48)))
     counts = torch.expm1(batch.values.double()) * batch.totals.double()[:, None] / 1e4
     tok = batch.token_mask
     # the values are log1p(count / total * 1e4) of whole counts that add up to the total

@@ -120,11 +120,9 @@ def test_token_state_cache_on_disk_equals_encoder(pbmc3k, tiny):
     (s_mem, m_mem), (s_disk, m_disk) = mem.batch(rows, "cpu"), disk.batch(rows, "cpu")
     assert torch.equal(s_mem, s_disk) and torch.equal(m_mem, m_disk)
     # the cached states are the encoder's own outputs (fp16 tokens), cell by cell, in adata order
-    from cellfm.embedding_plan import match_genes
-    from cellfm.tokenizer import iter_token_batches
+    from cellfm.contract import setup_cells
 
-    batch = next(iter(iter_token_batches(cells[rows], match_genes(cells.var_names, tiny), batch_size=3,
-                                         sort_by_length=False)))
+    batch = next(iter(setup_cells(cells[rows], tiny).batches(3, sort_by_length=False)))
     with torch.no_grad():
         states, _ = tiny.module.encode(batch.gene_ids, batch.values, batch.token_mask)
     assert torch.equal(m_mem, batch.token_mask)
@@ -446,7 +444,7 @@ def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from cellfm.cli.tasks import annotate_app
+    from cellfm.cli.annotate import annotate_app
 
     app = typer.Typer()
     app.add_typer(annotate_app, name="annotate")
@@ -477,7 +475,7 @@ def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from cellfm.cli.tasks import gene_function, integrate
+    from cellfm.cli.analysis import gene_function, integrate
 
     app = typer.Typer()
     app.command("integrate")(integrate)
@@ -492,7 +490,7 @@ def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
     scores = pd.read_csv(out / "integration_scores.tsv", sep="\t")
     assert scores["method"].tolist() == ["CellFM (zero-shot)", "HVG+PCA"] and "Total" in scores
     assert "scores: approximate" in (out / "integration_methods.txt").read_text()
-    bad = runner.invoke(app, ["integrate", "-o", str(out), "--scvi-epochs", "-1"])
+    bad = runner.invoke(app, ["integrate", "-o", str(out), "--model", "preset:tiny", "--scvi-epochs", "-1"])
     assert bad.exit_code == 2 and "--scvi-epochs" in bad.output
     res = runner.invoke(app, ["gene-function", "-o", str(tmp_path / "gf"), "--model", "preset:tiny",
                               "--data-dir", str(shared_data), "--no-go", "--threads", "1"])

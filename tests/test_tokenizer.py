@@ -1,4 +1,5 @@
-"""Tokenization as the official pipeline, masks, checks and AnnData batching."""
+"""Tokenization as the official pipeline, masks, the count checks and AnnData batching through the
+input contract."""
 
 from __future__ import annotations
 
@@ -9,15 +10,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from cellfm.tokenizer import (
-    check_counts,
-    collate_cells,
-    iter_token_batches,
-    mask_values,
-    scale_library,
-    tokenize_cell,
-)
-from cellfm.vocab import load_vocabulary, map_genes
+import cellfm
+from cellfm.contract import check_counts, setup_cells
+from cellfm.tokenizer import cell_rng, collate_cells, mask_values, scale_library, tokenize_cell
+
+TINY = cellfm.CellFM.from_preset("tiny")  # its vocabulary and config: what the contract reads
 
 
 def test_tokenize_cell_by_hand():
@@ -74,8 +71,9 @@ def _pbmc(shared_data, n=300):
 
 def test_batches_match_per_cell_tokenizer_and_cover_all_cells(shared_data):
     a = _pbmc(shared_data)
-    m = map_genes(a.var_names, load_vocabulary("cellfm-27k"))
-    batches = list(iter_token_batches(a, m, batch_size=32, max_genes=512, chunk_size=100))
+    cells = setup_cells(a, TINY, max_genes=512)
+    m = cells.mapping
+    batches = list(cells.batches(32, chunk_size=100))
     seen = np.concatenate([b.cell_index.numpy() for b in batches])
     assert sorted(seen.tolist()) == list(range(a.n_obs))
     scaled = scale_library(a.X)
@@ -85,8 +83,9 @@ def test_batches_match_per_cell_tokenizer_and_cover_all_cells(shared_data):
             r = scaled[row]
             keep = ids_col[r.indices] > 0
             total = r.data[keep].sum()
-            rng = np.random.default_rng([0, row])
-            want_ids, want_vals = tokenize_cell(ids_col[r.indices][keep], r.data[keep], total, 512, rng)
+            order = np.argsort(ids_col[r.indices][keep])
+            ids, cnt = ids_col[r.indices][keep][order], r.data[keep][order].astype(np.float64)
+            want_ids, want_vals = tokenize_cell(ids, cnt, total, 512, cell_rng(0, ids, cnt))
             n = int(b.token_mask[j].sum())
             assert np.array_equal(b.gene_ids[j, :n].numpy(), want_ids)
             np.testing.assert_allclose(b.values[j, :n].numpy(), want_vals, rtol=1e-6)
@@ -98,9 +97,8 @@ def test_backed_equals_in_memory(shared_data, tmp_path):
     a = _pbmc(shared_data, 200)
     a.write_h5ad(tmp_path / "x.h5ad")
     backed = ad.read_h5ad(tmp_path / "x.h5ad", backed="r")
-    m = map_genes(a.var_names, load_vocabulary("cellfm-27k"))
-    mem = list(iter_token_batches(a, m, batch_size=50, chunk_size=64))
-    bak = list(iter_token_batches(backed, m, batch_size=50, chunk_size=64))
+    mem = list(setup_cells(a, TINY).batches(50, chunk_size=64))
+    bak = list(setup_cells(backed, TINY).batches(50, chunk_size=64))
     assert len(mem) == len(bak)
     for x, y in zip(mem, bak, strict=True):
         assert x.gene_ids.equal(y.gene_ids) and x.values.equal(y.values) and x.cell_index.equal(y.cell_index)
@@ -108,7 +106,7 @@ def test_backed_equals_in_memory(shared_data, tmp_path):
 
 def test_check_counts_errors(shared_data):
     a = ad.read_h5ad(shared_data / "pbmc3k_clustifyr" / "pbmc3k_clustifyr_2000hvg.h5ad")
-    assert check_counts(a)["n_cells"] == a.n_obs
+    assert check_counts(a.X)["n_cells"] == a.n_obs
     with pytest.raises(ValueError, match="log-transformed"):
         check_counts(a.layers["lognorm"])
     x = sp.csr_matrix(a.X[:50], dtype=np.float32)
@@ -130,4 +128,26 @@ def test_check_counts_errors(shared_data):
     dup = a[:, :10].copy()
     dup.var_names = ["G"] * 10
     with pytest.raises(ValueError, match="occur more than once.*gene_key=<column>"):
-        check_counts(dup)
+        setup_cells(dup, TINY)
+
+
+def _tokens_by_cell(cells, batch_size: int, chunk_size: int) -> dict[int, tuple]:
+    out = {}
+    for b in cells.batches(batch_size, chunk_size=chunk_size):
+        for j, row in enumerate(b.cell_index.tolist()):
+            n = int(b.token_mask[j].sum())
+            out[row] = (b.gene_ids[j, :n].numpy().copy(), b.values[j, :n].numpy().copy())
+    return out
+
+
+def test_large_cells_are_sampled_by_content_not_row(shared_data):
+    """A cell above max_genes gets the same tokens in any subset, order, chunking or batch size."""
+    a = _pbmc(shared_data, 300)
+    whole = _tokens_by_cell(setup_cells(a, TINY, max_genes=300), 32, 100)
+    long = [r for r, (ids, _) in whole.items() if len(ids) == 300]
+    assert len(long) > 20  # the sampling path really runs
+    order = np.random.default_rng(1).permutation(a.n_obs)[:150]
+    part = _tokens_by_cell(setup_cells(a[order].copy(), TINY, max_genes=300), 7, 33)
+    for new_row, old_row in enumerate(order):
+        assert np.array_equal(part[new_row][0], whole[old_row][0])
+        assert np.array_equal(part[new_row][1], whole[old_row][1])

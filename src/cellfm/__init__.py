@@ -12,9 +12,10 @@ _LAZY = {
     "CellBatch": "cellfm.batch",
     "CellFM": "cellfm.cellfm",
     "load": "cellfm.cellfm",
-    "embed": "cellfm.embedding",
-    "embed_file": "cellfm.embedding_store",
-    "get_gene_embeddings": "cellfm.embedding",
+    "embed": "cellfm.embedding.memory",
+    "embed_file": "cellfm.embedding.stream",
+    "get_gene_embeddings": "cellfm.embedding.memory",
+    "setup_cells": "cellfm.contract.setup",
 }
 
 
@@ -27,4 +28,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["CellBatch", "CellFM", "ModelConfig", "PRESETS", "get_preset", "load", "embed", "embed_file",
-           "get_gene_embeddings"]
+           "get_gene_embeddings", "setup_cells"]

@@ -12,17 +12,19 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
 from cellfm.config import ModelConfig, get_preset
+from cellfm.contract.setup import setup_cells
+from cellfm.embedding.engine import embed_cells
 from cellfm.model import CellFMModule
+from cellfm.vocab import GeneVocabulary, load_vocabulary, map_genes
 
 if TYPE_CHECKING:
     import anndata as ad
-    import pandas as pd
-
-    from cellfm.vocab import GeneVocabulary
 
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
@@ -46,8 +48,6 @@ class CellFM:
         vocab: GeneVocabulary | None = None,
         device: str | torch.device | None = None,
     ) -> None:
-        from cellfm.vocab import load_vocabulary
-
         self.config = config
         self.module = module if module is not None else CellFMModule(config)
         self.vocab = vocab if vocab is not None else load_vocabulary(config.vocabulary)
@@ -116,8 +116,6 @@ class CellFM:
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device | None = None) -> CellFM:
         """Load a model folder written by `save`."""
-        from cellfm.vocab import GeneVocabulary
-
         path = Path(path)
         cfg_file, weights = path / "config.json", path / "model.safetensors"
         for f in (cfg_file, weights):
@@ -142,17 +140,33 @@ class CellFM:
 
     # ---- results ------------------------------------------------------------------------
     def get_gene_embeddings(self, genes: list[str] | None = None) -> pd.DataFrame:
-        """Gene-table embeddings as a DataFrame indexed by gene symbol (all vocabulary genes
-        unless `genes` is given)."""
-        from cellfm.embedding import get_gene_embeddings
+        """Gene-table embeddings as a DataFrame indexed by vocabulary gene symbol: all vocabulary
+        genes, or `genes` (symbols, aliases or Ensembl ids) in that order; unknown genes raise."""
+        table = self.module.gene_emb.detach().float().cpu().numpy()  # (rows, D), row 0 = padding
+        symbols = np.asarray(self.vocab.genes, dtype=object)
+        if genes is None:
+            ids = np.arange(1, len(symbols) + 1)
+        else:
+            unique = pd.unique(pd.Index([str(g) for g in genes]))  # map_genes drops repeats as duplicates
+            found = dict(zip(unique, map_genes(unique, self.vocab, min_genes=0).token_ids, strict=True))
+            ids = np.array([found[str(g)] for g in genes], dtype=np.int64)
+            unknown = [g for g, i in zip(genes, ids, strict=True) if i <= 0]
+            if unknown:
+                raise KeyError(f"{len(unknown)} genes are not in vocabulary {self.vocab.name!r}: "
+                               f"{unknown[:10]}")
+        columns = [f"dim_{i}" for i in range(table.shape[1])]
+        return pd.DataFrame(table[ids], index=pd.Index(symbols[ids - 1], name="gene"), columns=columns)
 
-        return get_gene_embeddings(self, genes)
-
-    def get_cell_embeddings(self, adata: ad.AnnData, **kwargs):
-        """Cell embeddings (n_cells, d_model) as a numpy array, in adata's row order."""
-        from cellfm.embedding import embed
-
-        return embed(adata, self, copy=True, **kwargs).obsm["X_cellfm"]
+    def get_cell_embeddings(self, adata: ad.AnnData, *, batch_size: int | None = None,
+                            device: str | torch.device | None = None, st_tokens: bool = False,
+                            progress: bool = True, **setup) -> np.ndarray:
+        """CLS embeddings (n_cells, d_model) float32 in adata's row order; `adata` is only read (a
+        backed one stays backed). `setup`: `layer`, `use_raw`, `gene_key`, `allow_non_integer`,
+        `max_genes`, `empty`, `seed`, as in `cellfm.contract.setup_cells`. `cellfm.embed` writes
+        the same into `adata.obsm`."""
+        cells = setup_cells(adata, self, **setup)
+        return embed_cells(cells, self, batch_size=batch_size, device=device, st_tokens=st_tokens,
+                           progress=progress)
 
     def __repr__(self) -> str:
         c = self.config

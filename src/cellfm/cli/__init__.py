@@ -104,11 +104,13 @@ def _register() -> None:
             app.command(name, cls=Command)(getattr(m, name))
     if (m := module("corpus")) is not None:
         app.add_typer(_plain(m.app), name="corpus", help="Build and inspect pretraining corpora.")
-    if (m := module("tasks")) is not None:
-        app.add_typer(_plain(m.annotate_app), name="annotate", help="Cell type annotation.")
-        for name in ("integrate", "perturb", "gene_function", "gene_network", "evaluate"):
-            if hasattr(m, name):
-                app.command(name.replace("_", "-"), cls=Command)(getattr(m, name))
+    if (m := module("annotate")) is not None:
+        app.add_typer(_plain(m.app), name="annotate", help="Cell type annotation.")
+    if (m := module("perturb")) is not None:
+        app.command("perturb", cls=Command)(m.perturb)
+    if (m := module("analysis")) is not None:
+        for name in ("integrate", "gene_function", "gene_network", "evaluate"):
+            app.command(name.replace("_", "-"), cls=Command)(getattr(m, name))
 
 
 def main() -> None:

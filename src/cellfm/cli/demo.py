@@ -41,8 +41,8 @@ def _demo(console, output: Path | None, model: str, device: str, overwrite: bool
 
     import cellfm
     from cellfm.datasets import pbmc_example
-    from cellfm.embedding import resolve_device
-    from cellfm.io import check_output, write_h5ad
+    from cellfm.embedding.engine import resolve_device
+    from cellfm.io.write import check_output, write_h5ad
 
     if output is None:  # our own cache file: replacing the previous demo's output is expected
         output, overwrite = default_output(), True

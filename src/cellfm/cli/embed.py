@@ -15,7 +15,12 @@ from typing import Annotated
 
 import typer
 
+from cellfm.cellfm import load
 from cellfm.cli.console import Failure, fail, one_line_warnings, run_cli
+from cellfm.embedding.engine import require_st_weights, resolve_device
+from cellfm.embedding.stream import embed_file, parts_folder
+from cellfm.io.read import FORMATS, input_format
+from cellfm.io.write import check_output
 
 
 def embed(
@@ -38,7 +43,9 @@ def embed(
         help="Cells per forward pass (default: 16 on CPU, 64 on a GPU).")] = None,
     layer: Annotated[str | None, typer.Option(
         metavar="LAYER", show_default=False,
-        help="Take counts from this layer of the input (or 'raw' for .raw), not X.")] = None,
+        help="Take counts from this layer of the input, not X.")] = None,
+    use_raw: Annotated[bool, typer.Option(
+        "--use-raw", help="Take counts (and genes) from the input's .raw, as scanpy's use_raw.")] = False,
     gene_key: Annotated[str | None, typer.Option(
         metavar="COLUMN", show_default=False,
         help="Column of the input's var with gene symbols / Ensembl ids (default: the var names).")] = None,
@@ -64,17 +71,17 @@ def embed(
 ) -> None:
     """Embed every cell of a count file with a CellFM model."""
     with run_cli() as console, one_line_warnings(console):
-        _embed(console, input, output, model, device, batch_size, layer, gene_key, empty, allow_non_integer,
+        _embed(console, input, output, model, device, batch_size, layer, use_raw, gene_key, empty,
+               allow_non_integer,
                obsm_only, overwrite, threads, backed, chunk_cells, st_tokens)
 
 
 def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int | None,
-           layer: str | None,
+           layer: str | None, use_raw: bool,
            gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
            threads: int | None, backed: bool, chunk_cells: int | None, st_tokens: bool = False) -> None:
     import time
 
-    from cellfm.io import FORMATS, check_output, input_format
 
     if not input.exists():
         fail(f"input {input} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom path", 2)
@@ -107,10 +114,6 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
 
     import torch
 
-    from cellfm.cellfm import load
-    from cellfm.embedding import require_st_weights, resolve_device
-    from cellfm.embedding_store import embed_file, parts_folder
-
     if threads is not None:
         torch.set_num_threads(threads)
     try:
@@ -131,7 +134,8 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     start = time.perf_counter()
     try:
         result = embed_file(input, cfm, output, obsm_only=obsm_only, batch_size=batch_size, device=device,
-                            layer=layer, gene_key=gene_key, empty=empty, allow_non_integer=allow_non_integer,
+                            layer=layer, use_raw=use_raw, gene_key=gene_key, empty=empty,
+                            allow_non_integer=allow_non_integer,
                             chunk_cells=chunk_cells, overwrite=overwrite,
                             stop_after_chunks=int(stop) if stop else None, st_tokens=st_tokens)
     except (OSError, ValueError, KeyError) as err:

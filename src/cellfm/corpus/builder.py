@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-from cellfm.corpus.input_checks import looks_like_raw_counts, mouse_case_fraction
+from cellfm.contract.counts import mouse_case_fraction, raw_count_problem
 from cellfm.corpus.manifest import MANIFEST_NAME, REPORT_COLUMNS, CorpusManifest, ShardInfo
-from cellfm.corpus.readers import CountSource, open_source
 from cellfm.corpus.shards import CellRows, ShardWriter
 from cellfm.corpus.vocabulary_link import describe_vocabulary, load_vocabulary, token_ids_for
+from cellfm.io.readers import CountSource, open_source
 from cellfm.tokenizer import scale_library
 
 MIN_MATCHED_FRACTION = 0.1  # fewer matched identifiers than this: not human / unknown ids
@@ -250,8 +250,8 @@ def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict
 
     for start, chunk in src.chunks(opts.chunk_cells):
         x = sp.csr_matrix(chunk, dtype=np.float64)  # (n, n_vars)
-        ok, why = looks_like_raw_counts(x)
-        if not ok:
+        why = raw_count_problem(x)
+        if why is not None:
             raise ValueError(f"rows {start}..{start + x.shape[0]}: {why}")
         n = x.shape[0]
         total = np.asarray(x.sum(axis=1)).ravel()  # (n,) raw total over ALL genes (metadata)

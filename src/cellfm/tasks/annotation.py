@@ -123,7 +123,8 @@ class CellTypeAnnotator:
         most `max_rejected` of the held-out reference cells would be called unknown.
         `st_tokens`: ST tokens in the encoder's input (frozen mode needs a model with ST weights).
         """
-        from cellfm.embedding import resolve_device, resolve_model
+        from cellfm.embedding.engine import resolve_device
+        from cellfm.embedding.memory import as_model as resolve_model
 
         if mode not in ("frozen", "lora", "full"):
             raise ValueError(f"mode must be 'frozen', 'lora' or 'full', not {mode!r}")
@@ -315,7 +316,7 @@ class CellTypeAnnotator:
         """Calibrated probabilities (N, C) and CLS embeddings (N, D) of the cells of `adata`."""
         import warnings
 
-        from cellfm.embedding import resolve_device
+        from cellfm.embedding.engine import resolve_device
 
         if self.head is None or self.encoder is None:
             raise RuntimeError("this CellTypeAnnotator is not fitted: call fit() or CellTypeAnnotator.load()")

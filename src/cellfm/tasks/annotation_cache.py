@@ -77,14 +77,11 @@ class TokenStates:
         `st_tokens` feeds the model's ST tokens (see `encoder_states`)."""
         from tqdm.auto import tqdm
 
-        from cellfm.embedding_plan import expressed_matched_genes, match_genes
-        from cellfm.tokenizer import check_counts, iter_token_batches
+        from cellfm.contract.setup import setup_cells
 
-        check_counts(adata.X)
         config, module = model.config, model.module
-        mapping = match_genes(adata.var_names.astype(str), model)
-        columns = np.flatnonzero(mapping.token_ids > 0)
-        n_expr = np.minimum(expressed_matched_genes(adata, columns, None), config.max_genes)
+        cells = setup_cells(adata, model, empty="zero", seed=seed)
+        n_expr = cells.n_tokens()
         lengths = n_expr if keep_tokens else np.zeros_like(n_expr)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         shape = (int(offsets[-1]), config.d_model)
@@ -103,9 +100,7 @@ class TokenStates:
         )
         try:
             with torch.inference_mode(), autocast:
-                for b in iter_token_batches(
-                    adata, mapping, batch_size=batch_size, max_genes=config.max_genes, seed=seed
-                ):
+                for b in cells.batches(batch_size):
                     b = b.to(device)
                     states = encoder_states(module, b, st_tokens)  # (B, 1+L, D)
                     rows = b.cell_index.cpu().numpy()

@@ -70,14 +70,10 @@ def matched_genes(adata: ad.AnnData, model: CellFM) -> list[str]:
 
 
 def token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int) -> list:
-    """Tokenize once; cell_index of each batch = row in `adata`."""
-    from cellfm.tokenizer import iter_token_batches
-    from cellfm.vocab import map_genes
+    """Tokenize once, through the input contract; cell_index of each batch = row in `adata`."""
+    from cellfm.contract.setup import setup_cells
 
-    mapping = map_genes(pd.Index(adata.var_names.astype(str)), model.vocab)
-    return list(
-        iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=model.config.max_genes, seed=seed)
-    )
+    return list(setup_cells(adata, model, seed=seed, empty="zero").batches(batch_size))
 
 
 def refuse_frozen_without_st(model: CellFM, mode: str) -> None:

@@ -20,15 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-
-def lognorm(X, target_sum: float = 1e4, totals: np.ndarray | None = None) -> sp.csr_matrix:
-    """log1p(count / total * target_sum) as CSR float32; `totals` overrides the row sums."""
-    X = sp.csr_matrix(X, dtype=np.float32)
-    tot = np.asarray(X.sum(1)).ravel() if totals is None else np.asarray(totals, dtype=np.float64)
-    scale = target_sum / np.maximum(tot, 1.0)
-    out = sp.diags(scale.astype(np.float32)) @ X
-    out.data = np.log1p(out.data)
-    return out.tocsr()
+from cellfm.tokenizer import lognorm
 
 
 def installed_version(package: str) -> str | None:

@@ -38,7 +38,7 @@ def evaluate_cell_identity(model, data_dir: str | Path, *, seeds: tuple[int, ...
                            progress: bool = False) -> pd.DataFrame:
     """One row per (data set, embedding): mean and sd over `seeds` of 5-fold 15-NN accuracy
     (Euclidean on the raw embedding) and logistic-regression accuracy (standardised features)."""
-    from cellfm.embedding import resolve_model
+    from cellfm.embedding.memory import as_model as resolve_model
     from cellfm.model import CellFMModule
     from cellfm.training.probe import cls_embeddings, load_probe_set, probe_accuracy
 

@@ -59,7 +59,7 @@ def gene_features(
 ) -> dict[str, pd.DataFrame]:
     """Feature tables indexed by vocabulary symbol: "CellFM", "expression stats" (when
     `reference` cells are given), "random"."""
-    from cellfm.embedding import get_gene_embeddings
+    from cellfm.embedding.memory import get_gene_embeddings
     from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
 
     emb = get_gene_embeddings(model)

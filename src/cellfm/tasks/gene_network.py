@@ -136,7 +136,7 @@ def evaluate_gene_network(
     """
     from tqdm.auto import tqdm
 
-    from cellfm.embedding import get_gene_embeddings
+    from cellfm.embedding.memory import get_gene_embeddings
     from cellfm.tasks.baselines import random_gene_embeddings
     from cellfm.tasks.gene_function import vocab_symbols_of
     from cellfm.tasks.gene_labels import annotation_sets, load_gmt, load_go_annotations

@@ -123,7 +123,7 @@ def evaluate_integration(
     Returns {"table": DataFrame (one row per method), "embeddings": {method: array},
     "scorer": str, "methods": {method: what ran or why not}, "n_scored": int}.
     """
-    from cellfm.embedding import embed
+    from cellfm.embedding.memory import embed
     from cellfm.tasks.integration_baselines import integration_baselines
     from cellfm.tasks.integration_metrics import score_embeddings, scoring_frame
 

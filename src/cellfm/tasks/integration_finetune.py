@@ -78,23 +78,25 @@ def fine_tune_for_integration(
     ecs_threshold: float = 0.8,
     ecs_weight: float = 1.0,
     st_tokens: bool = False,
-    device: str | torch.device | None = "cpu",
+    device: str | torch.device | None = None,
     seed: int = 0,
     progress: bool = True,
+    setup: dict | None = None,
 ) -> CellFM:
     """A fine-tuned copy of `model` (the original is untouched); embed with it afterwards.
 
     `st_tokens=True`: fine-tune the authors' ST-token model (the model's ST weights when its
     checkpoint carries them, else new ones), with half of the cells down-sampled; embedding
-    afterwards uses CLS alone, as the tutorial's `Backbone` does."""
-    import pandas as pd
+    afterwards uses CLS alone, as the tutorial's `Backbone` does. The cells pass the input
+    contract (`cellfm.contract.setup_cells`; `setup`: its `layer`, `use_raw`, `gene_key`,
+    `allow_non_integer`)."""
     from tqdm.auto import tqdm
 
     from cellfm.cellfm import CellFM
-    from cellfm.embedding import resolve_device
+    from cellfm.contract.setup import setup_cells
+    from cellfm.embedding.engine import resolve_device
     from cellfm.model.st_tokens import st_features
-    from cellfm.tokenizer import iter_token_batches, mask_values
-    from cellfm.vocab import map_genes
+    from cellfm.tokenizer import mask_values
 
     dev = resolve_device(device)
     if st_tokens:
@@ -103,10 +105,7 @@ def fine_tune_for_integration(
     module = tuned.module.to(dev)
     for p in module.parameters():
         p.requires_grad_(True)
-    mapping = map_genes(pd.Index(adata.var_names.astype(str)), model.vocab)
-    batches = list(
-        iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=model.config.max_genes, seed=seed)
-    )
+    batches = list(setup_cells(adata, model, seed=seed, **(setup or {})).batches(batch_size))
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=1e-5)
     rng = np.random.default_rng(seed)
     module.train()

@@ -40,8 +40,8 @@ def perturbation_effects(
     Conditions are named GEARS-style, "GENE+ctrl"; the index holds GENE. Perturbations with fewer
     than `min_cells` cells are left out.
     """
+    from cellfm.contract.counts import check_counts
     from cellfm.tasks.baselines import lognorm
-    from cellfm.tokenizer.checks import check_counts
 
     cond = condition_labels(adata, condition_key, control)
     check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
@@ -123,7 +123,7 @@ def perturbation_gene_features(
     Genes missing from the vocabulary get the mean embedding (so the prediction falls back to the
     average effect); their number is in `features["cellfm"].attrs["n_missing"]`.
     """
-    from cellfm.embedding import get_gene_embeddings
+    from cellfm.embedding.memory import get_gene_embeddings
     from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
 
     table = get_gene_embeddings(model)

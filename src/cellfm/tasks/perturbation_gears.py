@@ -64,9 +64,9 @@ def gears_input(
     obs['cell_type']; conditions down-sampled to `max_cells_per_condition` cells (seeded)."""
     import anndata as ad
 
+    from cellfm.contract.counts import check_counts
     from cellfm.tasks.baselines import lognorm
     from cellfm.tasks.perturbation import condition_labels
-    from cellfm.tokenizer.checks import check_counts
 
     cond = condition_labels(adata, condition_key, control)
     check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")

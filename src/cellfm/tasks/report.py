@@ -56,7 +56,7 @@ def run_evaluation(
 
     `quick` subsamples cells and genes (minutes on a laptop CPU instead of tens of minutes).
     """
-    from cellfm.embedding import resolve_model
+    from cellfm.embedding.memory import as_model as resolve_model
     from cellfm.tasks import report_sections as task
     from cellfm.tasks.benchmark_data import default_data_dir, load_benchmark
 

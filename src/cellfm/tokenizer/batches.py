@@ -1,30 +1,28 @@
-"""AnnData -> CellBatch stream for inference: chunked reading, official tokenization, and cells
-grouped by number of expressed genes so that little compute goes to padding."""
+"""Row chunks of counts -> CellBatch stream for inference: official tokenization, and cells
+grouped by number of expressed genes so that little compute goes to padding. Which rows and
+columns are read is settled by `cellfm.contract` (`CellInput.batches`).
+
+A cell with more than `max_genes` expressed genes is subsampled with a generator seeded by `seed`
+and a hash of the cell's own tokens, never by its row: the same cell gets the same tokens (and so
+the same embedding) in any file, subset, order, chunking, batch size or process count."""
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterator
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
 from cellfm.batch import CellBatch
-from cellfm.tokenizer.checks import iter_row_chunks
-from cellfm.tokenizer.tokenize import normalise, scale_library, tokenize_cell
+from cellfm.tokenizer.tokenize import collate_cells, normalise, scale_library, tokenize_cell
 
 
-def count_matrix(adata, layer: str | None = None):
-    """The raw-count matrix: `adata.layers[layer]`, `adata.raw.X` for layer="raw", else X."""
-    if layer is None:
-        return adata.X
-    if layer == "raw":
-        if adata.raw is None:
-            raise ValueError("layer='raw' but adata.raw is empty")
-        return adata.raw.X
-    if layer not in adata.layers:
-        raise KeyError(f"layer {layer!r} not in adata.layers ({list(adata.layers)})")
-    return adata.layers[layer]
+def cell_rng(seed: int, ids: np.ndarray, counts: np.ndarray) -> np.random.Generator:
+    """The sampling generator of one cell: `seed` and a hash of its (token ids, scaled counts)."""
+    digest = zlib.crc32(np.ascontiguousarray(ids, dtype=np.int64).tobytes())
+    digest = zlib.crc32(np.ascontiguousarray(counts, dtype=np.float64).tobytes(), digest)
+    return np.random.default_rng([seed, digest])
 
 
 def tokenize_chunk(
@@ -55,25 +53,13 @@ def tokenize_chunk(
         s, e = starts[r], starts[r + 1]
         if e == s:
             continue
-        if e - s > max_genes:  # reproducible per cell, whatever the chunking
-            rng = np.random.default_rng([seed, first_row + r])
+        if e - s > max_genes:  # reproducible per cell, whatever its row or company
+            rng = cell_rng(seed, ids[s:e], cnt[s:e])
             cid, cval = tokenize_cell(ids[s:e], cnt[s:e], totals[r], max_genes, rng)
         else:
             cid, cval = ids[s:e].astype(np.int32), values[s:e]
         out.append((first_row + r, cid, cval, float(totals[r])))
     return out
-
-
-def iter_token_batches(
-    adata, mapping, *, batch_size: int = 64, max_genes: int = 2048, layer: str | None = None,
-    chunk_size: int = 8192, sort_by_length: bool = True, seed: int = 0,
-) -> Iterator[CellBatch]:
-    """Batches of tokenized cells; each carries `cell_index` (row in adata) to restore order."""
-    column_ids = np.asarray(mapping.token_ids, dtype=np.int64)
-    matrix = count_matrix(adata, layer)
-    for start, block in iter_row_chunks(matrix, chunk_size):
-        yield from chunk_batches(block, column_ids, start, batch_size=batch_size, max_genes=max_genes,
-                                 sort_by_length=sort_by_length, seed=seed)
 
 
 def chunk_batches(
@@ -90,14 +76,5 @@ def chunk_batches(
 
 
 def _pad(cells: list[tuple[int, np.ndarray, np.ndarray, float]]) -> CellBatch:
-    B, L = len(cells), max(len(c[1]) for c in cells)
-    lens = np.array([len(c[1]) for c in cells])
-    tok = np.arange(L)[None, :] < lens[:, None]  # (B, L)
-    ids = np.zeros((B, L), np.int64)
-    vals = np.zeros((B, L), np.float32)
-    ids[tok] = np.concatenate([c[1] for c in cells])
-    vals[tok] = np.concatenate([c[2] for c in cells])
-    index = torch.tensor([c[0] for c in cells], dtype=torch.int64)
-    totals = torch.tensor([c[3] for c in cells], dtype=torch.float32)
-    return CellBatch(torch.from_numpy(ids), torch.from_numpy(vals), torch.from_numpy(tok), cell_index=index,
-                     totals=totals)
+    return collate_cells([(c[1], c[2]) for c in cells], cell_index=[c[0] for c in cells],
+                         totals=[c[3] for c in cells])

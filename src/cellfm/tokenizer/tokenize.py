@@ -78,8 +78,9 @@ def mask_values(
     return hidden, loss
 
 
-def collate_cells(cells: list[tuple], cell_index=None) -> CellBatch:
-    """Pad per-cell (ids, values[, hidden, loss]) to the longest cell. -> CellBatch (B, L)."""
+def collate_cells(cells: list[tuple], cell_index=None, totals=None) -> CellBatch:
+    """Pad per-cell (ids, values[, hidden, loss]) to the longest cell. -> CellBatch (B, L).
+    The one padding routine of inference batches and of the pretraining reference path."""
     B = len(cells)
     L = max(1, max(len(c[0]) for c in cells))
     ids = np.zeros((B, L), np.int64)
@@ -97,4 +98,15 @@ def collate_cells(cells: list[tuple], cell_index=None) -> CellBatch:
     return CellBatch(
         t(ids), t(vals), t(tok), None if hid is None else t(hid), None if los is None else t(los),
         None if cell_index is None else torch.as_tensor(np.asarray(cell_index), dtype=torch.int64),
+        None if totals is None else torch.as_tensor(np.asarray(totals), dtype=torch.float32),
     )
+
+
+def lognorm(X, target_sum: float = TARGET_SUM, totals: np.ndarray | None = None) -> sp.csr_matrix:
+    """A whole matrix log-normalised as the model sees values: log1p(count / total * target_sum),
+    CSR float32 (the baselines' and reports' expression scale); `totals` overrides the row sums."""
+    X = sp.csr_matrix(X, dtype=np.float32)
+    tot = np.asarray(X.sum(1)).ravel() if totals is None else np.asarray(totals, dtype=np.float64)
+    out = sp.diags((target_sum / np.maximum(tot, 1.0)).astype(np.float32)) @ X
+    out.data = np.log1p(out.data)
+    return out.tocsr()

@@ -17,7 +17,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from cellfm.training.distributed import DistEnv, barrier
+from cellfm.distributed import barrier
+from cellfm.training.distributed import DistEnv
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 

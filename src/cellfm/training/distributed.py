@@ -1,4 +1,4 @@
-"""Process-group setup and model wrapping (DDP, or FSDP2 `fully_shard` per RetentionLayer).
+"""Training's process setup and model wrapping (DDP, or FSDP2 `fully_shard` per RetentionLayer).
 
 Under `torchrun` (WORLD_SIZE in the environment) the process group is gloo on CPU and nccl on
 CUDA; otherwise training runs in one process without a group.
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from cellfm.distributed import join_process_group
 
 
 @dataclass
@@ -49,18 +51,6 @@ def init_distributed(device: str = "auto", parallel: str = "none") -> DistEnv:
     return DistEnv(rank, world, local, dev)
 
 
-def join_process_group(dev: torch.device) -> bool:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when launched by torchrun.
-    True when this call created the group (the caller then destroys it)."""
-    if "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return False
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=int(os.environ.get("RANK", "0")),
-                            world_size=int(os.environ["WORLD_SIZE"]))
-    return True
-
-
 def wrap_model(module: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
     """Returns the module to call in the training step. FSDP2 shards `module` in place."""
     if parallel == "ddp":
@@ -76,14 +66,3 @@ def wrap_model(module: nn.Module, parallel: str, env: DistEnv) -> nn.Module:
         fully_shard(module)
         return module
     return module
-
-
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from cellfm.corpus import CorpusDataset
-from cellfm.training.distributed import all_reduce_sum
+from cellfm.distributed import all_reduce_sum
 
 
 def held_out_dataset(corpus_dir: str | Path, *, batch_size: int, val_fraction: float, max_genes: int,

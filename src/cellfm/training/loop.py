@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from cellfm.distributed import all_reduce_sum, barrier
 from cellfm.training.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
@@ -25,7 +26,7 @@ from cellfm.training.checkpoint import (
     set_rng_state,
 )
 from cellfm.training.config import TrainConfig
-from cellfm.training.distributed import DistEnv, all_reduce_sum, barrier, init_distributed, wrap_model
+from cellfm.training.distributed import DistEnv, init_distributed, wrap_model
 from cellfm.training.evaluate import held_out_dataset, masked_value_mse
 from cellfm.training.optim import clip_gradients, make_optimizer
 from cellfm.training.probe import probe_scores
@@ -91,8 +92,7 @@ def load_probes(cfg: TrainConfig, mc) -> list:
     """The labelled probe cells of `cfg.probe_files`, tokenized for the model's vocabulary."""
     from cellfm.training.probe import load_probe_set
 
-    return [load_probe_set(f, key, mc.vocabulary, max_cells=cfg.probe_max_cells, max_genes=mc.max_genes,
-                           seed=cfg.seed)
+    return [load_probe_set(f, key, mc, max_cells=cfg.probe_max_cells, seed=cfg.seed)
             for f, key in zip(cfg.probe_files, cfg.probe_label_keys(), strict=True)]
 
 

@@ -17,6 +17,11 @@ import torch
 from torch import nn
 
 from cellfm.batch import CellBatch
+from cellfm.config import ModelConfig
+from cellfm.contract.labels import is_unlabelled
+from cellfm.contract.setup import ModelSpec, setup_cells
+from cellfm.io.read import read_cells
+from cellfm.vocab import load_vocabulary
 
 
 @dataclass
@@ -30,27 +35,23 @@ class ProbeSet:
     rows: np.ndarray  # (n_cells,) row of each probe cell in the file, for baselines on the same cells
 
 
-def load_probe_set(path: str | Path, label_key: str, vocabulary: str, *, max_cells: int = 2000,
-                   min_class_size: int = 10, max_genes: int = 2048, batch_size: int = 64,
-                   seed: int = 0) -> ProbeSet:
-    """Read raw counts + labels from an .h5ad; keep classes with >= `min_class_size` cells.
+def load_probe_set(path: str | Path, label_key: str, config: ModelConfig, *, max_cells: int = 2000,
+                   min_class_size: int = 10, batch_size: int = 64, seed: int = 0) -> ProbeSet:
+    """Read raw counts + labels from an .h5ad; keep classes with >= `min_class_size` cells. The
+    counts pass the same input contract as every workflow (`cellfm.contract.setup_cells`); cells
+    with no matched gene are dropped.
 
     At most `max_cells` cells are kept (a fixed random subset), so a probe costs seconds.
     """
-    import anndata as ad
-
-    from cellfm.tokenizer import iter_token_batches
-    from cellfm.vocab import load_vocabulary, map_genes
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"probe file {path} not found (TrainConfig.probe_files)")
-    adata = ad.read_h5ad(path)
+    adata = read_cells(path)
     if label_key not in adata.obs.columns:
         raise KeyError(f"probe file {path.name} has no obs column {label_key!r} "
                        f"(TrainConfig.probe_label_key); columns: {list(adata.obs.columns)}")
     labels = adata.obs[label_key].astype(str).to_numpy()
-    rows = np.flatnonzero(~np.isin(labels, ["?", "", "nan", "unknown", "Unknown"]))
+    rows = np.flatnonzero(~is_unlabelled(adata.obs[label_key]))
     if len(rows) > max_cells:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_cells, replace=False))
     names, counts = np.unique(labels[rows], return_counts=True)  # classes too small to cross-validate go
@@ -61,10 +62,13 @@ def load_probe_set(path: str | Path, label_key: str, vocabulary: str, *, max_cel
     if len(classes) < 2:
         raise ValueError(f"probe file {path.name}: fewer than 2 classes of >= {min_class_size} cells in "
                          f"obs[{label_key!r}]")
-    if "gene_symbol" in adata.var.columns:
-        adata.var_names = adata.var["gene_symbol"].astype(str).to_numpy()
-    mapping = map_genes(adata.var_names, load_vocabulary(vocabulary))
-    batches = list(iter_token_batches(adata, mapping, batch_size=batch_size, max_genes=max_genes, seed=seed))
+    gene_key = "gene_symbol" if "gene_symbol" in adata.var.columns else None
+    try:
+        cells = setup_cells(adata, ModelSpec(config, load_vocabulary(config.vocabulary)), gene_key=gene_key,
+                            empty="zero", seed=seed)
+    except (ValueError, KeyError) as err:
+        raise ValueError(f"probe file {path.name} (TrainConfig.probe_files): {err}") from None
+    batches = list(cells.batches(batch_size))
     present = np.zeros(len(labels), dtype=bool)
     for b in batches:
         present[b.cell_index.numpy()] = True

@@ -1,20 +1,18 @@
-"""Files at the edges of the embed path: count files in, results out.
-
-`read_cells` reads .h5ad with anndata and 10x matrix folders, 10x .h5 and .loom with the corpus
-readers (`cellfm.corpus.readers`), so `cellfm embed` and `corpus build` agree on formats.
-`write_h5ad` / `write_embedding` write to a hidden temporary name in the target folder and
-rename it into place, so an interrupted run never leaves a complete-looking but partial output;
-they refuse to replace an existing file unless `overwrite=True`. Nothing here judges counts.
+"""Count files in: `read_cells` reads .h5ad with anndata and 10x matrix folders, 10x .h5 and
+.loom with the format readers (`cellfm.io.readers`), so `cellfm embed`, every task and `corpus
+build` agree on formats; `open_rows` gives a file's counts by row slices without reading them.
+Nothing here judges counts (`cellfm.contract` does).
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cellfm.io.corpus import is_corpus
+from cellfm.io.readers import open_source
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -25,8 +23,6 @@ FORMATS = ".h5ad, a 10x matrix folder (matrix.mtx[.gz]), a 10x .h5 or a .loom"
 def input_format(path: Path) -> str | None:
     """"h5ad", "10x_mtx", "10x_h5", "loom", "corpus" (a folder from `cellfm corpus build`), or None
     for a format cellfm does not read."""
-    from cellfm.corpus.matrix import is_corpus
-
     name = path.name.lower()
     if path.is_dir():
         return "corpus" if is_corpus(path) else "10x_mtx"
@@ -68,8 +64,6 @@ def _from_source(path: Path) -> ad.AnnData:
     import anndata as ad
     import scipy.sparse as sp
 
-    from cellfm.corpus.readers import open_source
-
     src = open_source(path)
     blocks = [m for _, m in src.chunks(8192)]
     X = sp.vstack(blocks).tocsr() if blocks else sp.csr_matrix((0, len(src.var_names)))
@@ -80,8 +74,6 @@ def _from_source(path: Path) -> ad.AnnData:
 def open_rows(path: str | Path) -> tuple[ad.AnnData, SourceRows]:
     """A 10x folder / .h5 or .loom as (AnnData of obs and var only, its counts by row slices):
     the same names as `read_cells`, without reading the matrix."""
-    from cellfm.corpus.readers import open_source
-
     try:
         src = open_source(Path(path))
     except (OSError, KeyError, ValueError, StopIteration, EOFError) as err:
@@ -146,50 +138,3 @@ def _cells_of(src) -> ad.AnnData:
     obs = src.obs.copy() if len(src.obs.columns) else pd.DataFrame(index=range(src.n_cells))
     obs.index = pd.Index(np.asarray(src.cell_ids, dtype=str))
     return ad.AnnData(obs=obs, var=var)
-
-
-def check_output(path: Path, *, overwrite: bool) -> None:
-    """Raise before any work when `path` cannot be written (missing folder, existing file)."""
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it first")
-    if path.is_dir():
-        raise IsADirectoryError(f"output {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} already exists; choose another name or allow replacing it")
-
-
-def write_atomically(path: Path, write: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """`write(tmp)` to a hidden name beside `path`, then rename it to `path`. On any error or
-    interruption (Ctrl-C) the temporary file is removed and `path` is left as it was."""
-    path = Path(path)
-    check_output(path, overwrite=overwrite)
-    tmp = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_h5ad(adata: ad.AnnData, path: str | Path, *, overwrite: bool = False) -> Path:
-    """The whole AnnData to `path`, atomically."""
-    return write_atomically(Path(path), adata.write_h5ad, overwrite=overwrite)
-
-
-def write_embedding(adata: ad.AnnData, key: str, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Only obs names and `adata.obsm[key]`: a small .h5ad (obsm[key], uns["cellfm"]), or a
-    .parquet table (one row per cell, columns `{key}_0..`) when the name ends in .parquet."""
-    import anndata as ad
-    import pandas as pd
-
-    path = Path(path)
-    emb = np.asarray(adata.obsm[key])
-    if path.suffix.lower() == ".parquet":
-        cols = [f"{key}_{i}" for i in range(emb.shape[1])]
-        frame = pd.DataFrame(emb, index=pd.Index(adata.obs_names.astype(str), name="obs_name"), columns=cols)
-        return write_atomically(path, frame.to_parquet, overwrite=overwrite)
-    small = ad.AnnData(obs=pd.DataFrame(index=adata.obs_names.astype(str)), obsm={key: emb},
-                       uns={k: adata.uns[k] for k in ("cellfm",) if k in adata.uns})
-    return write_atomically(path, small.write_h5ad, overwrite=overwrite)

@@ -1,4 +1,8 @@
-"""Input checks: is this a matrix of raw counts? Each error names the problem and the fix.
+"""The one judge of raw counts: is this matrix raw counts? Each error names the problem and the fix.
+
+Every workflow (embedding, annotation, integration, perturbation, corpus build, the pretraining
+probe) reaches it through `cellfm.contract.setup_cells`; the corpus readers ask `raw_count_problem`
+which of X / layers / raw holds counts.
 
 The matrix is read in row chunks, so backed and sparse data are never densified whole. Log and
 CPM-like data are told apart from ambient-corrected counts (SoupX, CellBender: non-negative but
@@ -8,6 +12,7 @@ not whole numbers) by their value range and row sums, not by integrality alone, 
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,6 +24,8 @@ from cellfm.wording import arg
 
 LOG_MAX = 30.0  # log1p of any normalisation stays below this; raw counts of real cells exceed it
 CONSTANT_TOTAL_CV = 1e-3  # row sums this equal were normalised to a fixed total
+_MOUSE_CASE = re.compile(r"^[A-Z][a-z][a-z0-9]*$")  # Actb, Cd74, Gm12345
+_HUMAN_CASE = re.compile(r"^[A-Z0-9][A-Z0-9-]*[A-Z0-9]$")  # ACTB, CD74, HLA-DRA
 
 
 def iter_row_chunks(matrix, chunk_size: int = 4096, *, start: int = 0,
@@ -38,7 +45,7 @@ def read_rows(matrix, a: int, b: int) -> sp.csr_matrix:
 
 
 def check_counts(
-    data,
+    matrix,
     *,
     chunk_size: int = 4096,
     allow_empty: bool = True,
@@ -46,22 +53,13 @@ def check_counts(
     where: str = "the count matrix",
     fix: str | None = None,
 ) -> dict[str, int]:
-    """Raise ValueError unless `data` (AnnData or a cells x genes matrix) holds raw counts.
+    """Raise ValueError unless `matrix` (cells x genes; dense, sparse or backed) holds raw counts.
 
     `where` names the matrix in messages (e.g. "adata.X"); `fix` says where raw counts are, when
     the caller knows (default: a generic pointer to `layer`). `allow_non_integer` admits
     non-negative non-integer counts (ambient-corrected) but never log or CPM-like data. Returns
     {"n_cells", "n_empty"}; empty cells only warn unless allow_empty=False.
     """
-    matrix = data
-    if hasattr(data, "var_names"):  # AnnData
-        dup = data.var_names[data.var_names.duplicated()]
-        if len(dup):
-            raise ValueError(
-                f"{len(dup)} gene names occur more than once (e.g. {list(dup[:3])}); sum the duplicates "
-                f"or pass {arg('gene_key', placeholder='column')} with unique gene ids"
-            )
-        matrix = data.X
     if matrix is None:
         raise ValueError(f"{where} is empty (no matrix): {fix or _default_fix()}")
     stats = CountStats()
@@ -184,3 +182,24 @@ def _refuse_non_counts(frac: float, vmax: float, totals: np.ndarray, minima: np.
             f"counts (SoupX, CellBender), pass {arg('allow_non_integer', True)}; otherwise {fix}."
         )
     raise ValueError(f"{head} and {why}; CellFM normalises raw counts itself, so {fix}.")
+
+
+def raw_count_problem(block, *, allow_non_integer: bool = False) -> str | None:
+    """Why the rows `block` (dense or sparse) are not raw counts, or None when they are: the
+    judge's own message, for callers that choose between candidate matrices or record a reason."""
+    stats = CountStats()
+    stats.add(sp.csr_matrix(block, dtype=np.float64, copy=True))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            judge_counts(stats, allow_non_integer=allow_non_integer, where="the matrix", fix="use raw counts")
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def mouse_case_fraction(names) -> float:
+    """Fraction of gene symbols written in mouse case (Actb) among those in either case style."""
+    mouse = sum(1 for n in names if _MOUSE_CASE.match(str(n)))
+    human = sum(1 for n in names if _HUMAN_CASE.match(str(n)))
+    return mouse / max(1, mouse + human)

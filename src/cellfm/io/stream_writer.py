@@ -4,7 +4,7 @@ without ever holding all of it (or the input's X) in memory.
 The full output is the input .h5ad copied byte for byte, with `obsm[key]` (an HDF5 dataset
 filled chunk by chunk) and `uns["cellfm"]` added; an in-memory AnnData (10x, loom input) is
 written first and extended the same way. Everything goes to a hidden temporary name and is
-renamed into place (`cellfm.io.write_atomically`). Nothing here runs a model.
+renamed into place (`cellfm.io.write.write_atomically`). Nothing here runs a model.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from cellfm.io.write import write_atomically
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -31,8 +33,6 @@ def write_streamed(out: Path, chunks: Iterable[np.ndarray], *, n_cells: int, d_m
     path: a copy of that file plus obsm; an AnnData: that AnnData plus obsm, with X written from
     `x_blocks` (row chunks in order) when given.
     """
-    from cellfm.io import write_atomically
-
     def write(tmp: Path) -> None:
         if base is None and out.suffix.lower() == ".parquet":
             _parquet(tmp, chunks, key, obs_names)
@@ -95,7 +95,7 @@ def _append_obsm(path: Path, chunks: Iterable[np.ndarray], n_cells: int, d_model
 
 
 def _parquet(path: Path, chunks: Iterable[np.ndarray], key: str, obs_names: pd.Index) -> None:
-    """One row group per chunk; the same table as `cellfm.io.write_embedding` writes."""
+    """One row group per chunk; the same table as `cellfm.io.write.write_embedding` writes."""
     import pandas as pd
     import pyarrow as pa
     import pyarrow.parquet as pq

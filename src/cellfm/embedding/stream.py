@@ -7,16 +7,16 @@ file that exists is complete. `OUT.parts/index.json` records the input's identit
 mtime), a fingerprint of the model and the settings: a restarted run skips the chunks already
 there, and a changed input, model or setting refuses to resume. Each rank checks only its own
 rows; the ranks exchange their findings (all-gather) so that all raise the error one full pass
-would raise, before any embedding (`cellfm.embedding_plan`), and rank 0 alone fingerprints the
+would raise, before any embedding (`cellfm.contract.setup`), and rank 0 alone fingerprints the
 model and checks the index. When every rank is done (a barrier), rank 0 streams the chunks into
-`obsm` of OUT (`cellfm.embedding_output`) and removes the parts folder.
+`obsm` of OUT (`cellfm.io.stream_writer`) and removes the parts folder.
 
 Memory is one chunk of counts plus one batch of activations, whatever the number of cells: an
-.h5ad is read backed, 10x and loom files through the corpus readers (`cellfm.io.open_rows`), a
-corpus folder by its memory-mapped shards, in row chunks (`cellfm.embedding_inputs`; a 10x .mtx
+.h5ad is read backed, 10x and loom files through the format readers (`cellfm.io.read.open_rows`), a
+corpus folder by its memory-mapped shards, in row chunks (`embedding.inputs`; a 10x .mtx
 has no row index: its reader loads it whole).
 The chunk grid does not depend on the number of processes, so 1 and N processes give the same
-embeddings. This module does not judge counts (`cellfm.embedding_plan` does).
+embeddings. This module does not judge counts (`cellfm.contract` does).
 """
 
 from __future__ import annotations
@@ -29,13 +29,28 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from cellfm.cellfm import CellFM
+from cellfm.cellfm import CellFM
+from cellfm.distributed import all_ranks, barrier, join_process_group, rank_and_world
+from cellfm.embedding.engine import (
+    check_batch_size,
+    default_batch_size,
+    embed_batches,
+    model_record,
+    on_device,
+    require_st_weights,
+    resolve_device,
+)
+from cellfm.embedding.inputs import open_input
+from cellfm.embedding.memory import as_model
+from cellfm.io.stream_writer import write_streamed
+from cellfm.io.write import atomic_path, check_output, write_text
+from cellfm.progress import progress_bar
+from cellfm.wording import arg
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +126,8 @@ def chunk_is_done(parts: Path, k: int, rows: int, d_model: int) -> bool:
 
 
 def save_chunk(parts: Path, k: int, emb: np.ndarray) -> None:
-    final = chunk_path(parts, k)
-    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}.npy")
-    try:
+    with atomic_path(chunk_path(parts, k)) as tmp:
         np.save(tmp, emb)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def open_index(parts: Path, record: dict) -> None:
@@ -133,9 +142,7 @@ def open_index(parts: Path, record: dict) -> None:
                              "over, or restore the original input and model to resume")
         return
     parts.mkdir(exist_ok=True)
-    tmp = index.with_name(f".index.tmp-{os.getpid()}.json")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, index)
+    write_text(index, json.dumps(record, indent=1))
 
 
 def embed_file(
@@ -147,6 +154,7 @@ def embed_file(
     batch_size: int | None = None,
     device: str | torch.device | None = None,
     layer: str | None = None,
+    use_raw: bool = False,
     key_added: str = "X_cellfm",
     gene_key: str | None = None,
     max_genes: int | None = None,
@@ -174,31 +182,12 @@ def embed_file(
     >>> cellfm.embed_file("atlas.h5ad", "cellfm-80m", "atlas_emb.parquet", obsm_only=True)
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
-    from cellfm.embedding import (
-        default_batch_size,
-        embed_batch,
-        on_device,
-        require_st_weights,
-        resolve_device,
-        resolve_model,
-    )
-    from cellfm.embedding_inputs import open_input
-    from cellfm.embedding_output import write_streamed
-    from cellfm.io import check_output
-    from cellfm.tokenizer import chunk_batches
-    from cellfm.tokenizer.checks import read_rows
-    from cellfm.training.distributed import barrier, join_process_group
-    from cellfm.wording import arg
-
     path, out = Path(path), Path(out)
-    if (chunk_cells is not None and chunk_cells < 1) or (batch_size is not None and batch_size < 1):
-        raise ValueError(f"{arg('chunk_cells', chunk_cells)} and {arg('batch_size', batch_size)} must be "
-                         "positive")
-    if empty not in ("raise", "zero"):
-        raise ValueError(f"{arg('empty', empty)} is not a choice: use {arg('empty', 'raise')} or "
-                         f"{arg('empty', 'zero')}")
+    if chunk_cells is not None and chunk_cells < 1:
+        raise ValueError(f"{arg('chunk_cells', chunk_cells)}: the chunk size must be positive")
+    check_batch_size(batch_size)
     check_output(out, overwrite=overwrite)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = rank_and_world()
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:
         dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
@@ -206,7 +195,7 @@ def embed_file(
     created = join_process_group(dev)
     opened = None
     try:
-        model = resolve_model(model)
+        model = as_model(model)
         if st_tokens:
             require_st_weights(model)
         d = model.config.d_model
@@ -215,16 +204,19 @@ def embed_file(
             mine = chunk_ranges(n, chunk_cells or auto_chunk_cells(n), rank, world)
             return (mine[0][1], mine[-1][2]) if mine else (0, 0)
 
-        opened = open_input(path, model, rows_of=rows_of, gather=all_ranks, layer=layer, gene_key=gene_key,
-                            key_added=key_added, max_genes=max_genes, empty=empty, seed=seed,
+        opened = open_input(path, model, rows_of=rows_of, gather=all_ranks, layer=layer, use_raw=use_raw,
+                            gene_key=gene_key, max_genes=max_genes, empty=empty, seed=seed,
                             allow_non_integer=allow_non_integer)
-        plan, n = opened.plan, opened.n_cells
+        cells, n = opened.cells, opened.cells.n_cells
         chunk_cells = chunk_cells or auto_chunk_cells(n)
-        plan.uns["st_tokens"] = bool(st_tokens)
+        uns = {"model": model_record(model.config), "key_added": key_added, **cells.record,
+               "st_tokens": bool(st_tokens)}
         parts = parts_folder(out)
         refused = None
         if rank == 0:  # one process fingerprints the model and checks / creates the index
-            settings = {"layer": layer, "gene_key": gene_key, "max_genes": plan.max_genes, "seed": seed,
+            settings = {"layer": layer, "use_raw": use_raw, "gene_key": gene_key,
+                        "max_genes": cells.max_genes,
+                        "seed": seed,
                         "empty": empty, "st_tokens": bool(st_tokens)}
             record = {"format": INDEX_FORMAT, "input": input_identity(path),
                       "model": model_fingerprint(model), "settings": settings, "n_cells": n, "d_model": d,
@@ -238,7 +230,7 @@ def embed_file(
             raise refused
         mine = chunk_ranges(n, chunk_cells, rank, world)
         computed = skipped = 0
-        bar = _progress(progress and rank == 0, sum(b - a for _, a, b in mine))
+        bar = progress_bar(sum(b - a for _, a, b in mine), "cellfm embed", enabled=progress and rank == 0)
         stopped = False
         start = time.perf_counter()
         try:
@@ -252,11 +244,8 @@ def embed_file(
                         stopped = True
                         break
                     emb = np.zeros((b - a, d), dtype=np.float32)  # empty cells stay zero
-                    for batch in chunk_batches(read_rows(opened.counts, a, b), opened.column_ids, a,
-                                               batch_size=batch_size, max_genes=plan.max_genes, seed=seed,
-                                               scaled=opened.scaled):
-                        index, cls = embed_batch(module, batch, dev, st_tokens=st_tokens)
-                        emb[index - a] = cls
+                    embed_batches(module, cells.batches(batch_size, rows=(a, b), chunk_size=b - a), emb, dev,
+                                  offset=a, st_tokens=st_tokens)
                     save_chunk(parts, k, emb)
                     computed += 1
                     bar.update(b - a)
@@ -266,36 +255,20 @@ def embed_file(
         log.info("rank %d: %d chunks embedded, %d already done", rank, computed, skipped)
         n_chunks = -(-n // chunk_cells)
         if stopped:
-            return EmbedFileResult(None, n, n_chunks, computed, skipped, plan.uns, seconds)
+            return EmbedFileResult(None, n, n_chunks, computed, skipped, uns, seconds)
         barrier()  # every chunk is on disk
         written = None
         if rank == 0:
             chunks = (np.load(chunk_path(parts, k)) for k in range(n_chunks))
             full = not obsm_only and opened.base is not None
             x_blocks = opened.x_blocks() if full and opened.x_blocks else None
-            written = write_streamed(out, chunks, n_cells=n, d_model=d, key=key_added, uns=plan.uns,
+            written = write_streamed(out, chunks, n_cells=n, d_model=d, key=key_added, uns=uns,
                                      obs_names=opened.names(), base=opened.base if full else None,
                                      x_blocks=x_blocks, overwrite=overwrite)
             shutil.rmtree(parts)
-        return EmbedFileResult(written, n, n_chunks, computed, skipped, plan.uns, seconds)
+        return EmbedFileResult(written, n, n_chunks, computed, skipped, uns, seconds)
     finally:
         if opened is not None:
             opened.close()
         if created:
             torch.distributed.destroy_process_group()
-
-
-def all_ranks(obj: object) -> list:
-    """`obj` of every process in rank order (an all-gather over gloo / nccl; [obj] in one process)."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out: list = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _progress(enabled: bool, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="cellfm embed", unit="cell", disable=not enabled)

@@ -3,8 +3,8 @@
 A `CountSource` knows its genes, its cells and their metadata up front and yields the count
 matrix in row chunks (cells x genes, scipy CSR), so the builder never holds a whole file. Formats
 whose layout has no per-cell index (Matrix Market, dense text with genes as rows, CSC h5ad) are
-read whole: they are sample-sized in practice. Readers do not judge the counts; `input_checks`
-does.
+read whole: they are sample-sized in practice. Readers do not judge the counts (`cellfm.contract.counts`
+does); they only ask it which matrix of an .h5ad holds counts.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellfm.corpus.input_checks import looks_like_raw_counts
+from cellfm.contract.counts import raw_count_problem
 
 ChunkIter = Callable[[int], Iterator[tuple[int, sp.csr_matrix]]]
 RowSlice = Callable[[int, int], sp.csr_matrix]  # (a, b) -> rows a:b as CSR
@@ -165,8 +165,8 @@ def read_h5ad(path: Path) -> CountSource:
     for label, key, names in candidates:
         chunks = _h5ad_matrix(path, key, len(names))
         first = _first_rows(chunks)
-        ok, why = looks_like_raw_counts(first)
-        if ok:
+        why = "no cells" if first is None else raw_count_problem(first)
+        if why is None:
             return CountSource(path, "h5ad", names, _str(obs.index.to_numpy()), chunks,
                                obs=_label_columns(obs), counts_from=label)
         tried.append(f"{label}: {why}")

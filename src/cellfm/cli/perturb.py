@@ -1,0 +1,112 @@
+"""`cellfm perturb`: genetic perturbation prediction, a thin layer over `cellfm.tasks.perturbation*`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cellfm.cli.common import (
+    DataDirOpt,
+    ModelOpt,
+    ThreadsOpt,
+    load_model,
+    print_table,
+    read_input,
+    set_threads,
+    write_tsv,
+)
+from cellfm.cli.console import fail
+from cellfm.io.write import write_text
+
+
+def perturb(
+    output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (TSV tables).")],
+    model: ModelOpt,
+    data_dir: DataDirOpt = None,
+    input: Annotated[
+        Path | None,
+        typer.Option("--input", help="Your own screen (.h5ad, raw counts) instead of Papalexi 2021; "
+                     "obs[--condition-key] is 'ctrl' or 'GENE+ctrl'."),
+    ] = None,
+    condition_key: Annotated[str, typer.Option(help="obs column of the condition.")] = "condition",
+    control: Annotated[str, typer.Option(help="Condition name of the control cells.")] = "ctrl",
+    size_factor_key: Annotated[
+        str | None,
+        typer.Option(help="obs column with each cell's full-transcriptome count (used when present; "
+                     "else the panel's total)."),
+    ] = "response_n_umis",
+    method: Annotated[
+        str,
+        typer.Option(help="gears: GEARS, GEARS + CellFM gene tokens and the linear baselines on GEARS' "
+                     "splits (needs the gears extra); embedding: only the fast gene-embedding predictors "
+                     "(k-fold); auto: gears when installed."),
+    ] = "auto",
+    splits: Annotated[int, typer.Option(help="GEARS simulation splits (seeds 1..N).")] = 3,
+    epochs: Annotated[int, typer.Option(help="GEARS training epochs.")] = 10,
+    max_cells_per_condition: Annotated[
+        int, typer.Option(help="Cells kept per knock-out and of the controls (0: all; GEARS on CPU is slow).")
+    ] = 200,
+    n_folds: Annotated[int, typer.Option(help="Folds of the --method embedding predictors.")] = 5,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Predict unseen knock-out effects (Papalexi 2021 ECCITE-seq): GEARS offline, GEARS + CellFM,
+    simple baselines."""
+    from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
+
+    if method not in ("auto", "gears", "embedding"):
+        fail(f"--method {method!r} is not one of auto, gears, embedding", 2)
+    if splits < 1 or epochs < 1 or max_cells_per_condition < 0:
+        fail("--splits and --epochs must be >= 1 and --max-cells-per-condition >= 0", 2)
+    if method != "embedding":
+        from cellfm.tasks.perturbation_gears import require_gears
+
+        try:
+            require_gears()
+            method = "gears"
+        except ImportError as err:
+            if method == "gears":
+                fail(f"{err}; or run --method embedding", 2)
+            typer.echo(f"note: {err}; running --method embedding")
+            method = "embedding"
+    set_threads(threads)
+    cfm = load_model(model)
+    try:
+        adata = read_input(input) if input is not None else load_benchmark("papalexi", data_dir)
+        ref = load_benchmark("pbmc4k", data_dir) if method == "embedding" else None
+        go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
+    except FileNotFoundError as err:
+        fail(str(err), 2)
+    from cellfm.tasks.perturbation import evaluate_perturbation
+    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+    from cellfm.tasks.perturbation_gears import GearsConfig
+    from cellfm.wording import cli_wording
+
+    cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
+    try:
+        with cli_wording():  # the input checks run first and name flags
+            if method == "embedding":
+                r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds,
+                                          condition_key=condition_key, control=control)
+            else:
+                r = evaluate_perturbation_gears(
+                    adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
+                    condition_key=condition_key, control=control, size_factor_key=size_factor_key,
+                    log=typer.echo,
+                )
+    except (KeyError, ValueError, FileNotFoundError) as err:
+        fail(err.args[0], 2)
+    output.mkdir(parents=True, exist_ok=True)
+    if method == "embedding":
+        write_tsv(r["table"], output / "perturbation_scores.tsv")
+        write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
+        print_table(r["table"], f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
+        return
+    write_tsv(r["table"], output / "perturbation_scores.tsv")
+    write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
+    write_text(output / "perturbation_scores.md", perturbation_markdown(r["table"]) + "\n")
+    print_table(r["table"][["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
+                 f"unseen knock-outs, GEARS simulation split x {splits} (mean over knock-outs and splits)")
+
+
