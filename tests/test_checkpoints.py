@@ -300,3 +300,20 @@ def test_official_annotation_checkpoint_imports_into_encoder_and_head(tmp_path):
             np.testing.assert_allclose(cls_logits.numpy(), ref["cls_logits"], atol=4e-5, rtol=0)
     with pytest.raises(ValueError, match="an official annotation model .*read_official_annotation"):
         cellfm.load(path, n_heads=4)
+
+
+def test_convert_cli_refuses_a_full_folder_in_flag_words(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    path = tmp_path / "m.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    _register()
+    args = ["convert", str(path), "-o", str(tmp_path / "out"), "--n-heads", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "pass --overwrite to replace it" in result.output
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["config.json", "genes.txt", "model.safetensors"]

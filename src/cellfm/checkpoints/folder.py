@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from cellfm.config import ModelConfig
 from cellfm.vocab import GeneVocabulary
+from cellfm.wording import arg
 
 FORMAT_VERSION = 1
 FILES = ("config.json", "model.safetensors", "genes.txt")
@@ -52,7 +53,7 @@ def write_model_folder(
     """
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
-        raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"{path} is not empty; pass {arg('overwrite', True)} to replace it")
     if len(vocab) != config.n_genes:
         raise ValueError(f"vocabulary {vocab.name!r} has {len(vocab)} genes but the config has "
                          f"n_genes={config.n_genes}")

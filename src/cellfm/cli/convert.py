@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from cellfm.cli.console import fail, run_cli
+
 
 def convert(
     src: Path = typer.Argument(..., help="Official checkpoint: MindSpore .ckpt or CellFM-torch .pt"),
@@ -19,7 +21,6 @@ def convert(
 ) -> None:
     """Convert an official CellFM checkpoint into a cellfm model folder."""
     from cellfm.checkpoints import CheckpointFormatError, convert_checkpoint, read_model_folder
-    from cellfm.cli.console import fail, run_cli
 
     overrides = {k: v for k, v in (("n_heads", n_heads), ("pad_zero", pad_zero)) if v is not None}
     with run_cli():

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cellfm.cli.console import fail, run_cli
+
 
 def download(
     model: str = typer.Argument(..., help="Official release: 80m or 800m."),
@@ -20,7 +22,6 @@ def download(
 ) -> None:
     """Download official CellFM weights (CC BY-NC-ND 4.0, for use on this machine) and convert them."""
     from cellfm.checkpoints.hub import DownloadError, default_cache_dir, download_official, official_weights
-    from cellfm.cli.console import fail, run_cli
 
     with run_cli():
         try:
