@@ -4,6 +4,7 @@ the same outputs; broken files give errors that name the problem."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ import torch
 import cellfm
 from cellfm.checkpoints import (
     CheckpointFormatError,
-    load_official_checkpoint,
     read_mindspore_checkpoint,
     write_mindspore_checkpoint,
 )
@@ -72,7 +72,7 @@ def test_mindspore_layout_round_trip(tiny, tmp_path):
     assert set(back) == set(tensors)
     for k in tensors:
         np.testing.assert_array_equal(back[k], tensors[k])
-    model = load_official_checkpoint(path, n_heads=4)
+    model = cellfm.load(path, n_heads=4)
     assert model.config.lora_rank == 2 and model.config.vocabulary == "cellfm-27k"
     for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -92,7 +92,7 @@ def test_cellfm_torch_layout(tiny, tmp_path):
     state["net.ST_emb"] = torch.zeros(1, 2, 32)
     torch.save({"model": state}, tmp_path / "cellfm_torch.pt")
     with pytest.warns(UserWarning, match="ST_emb"):
-        model = load_official_checkpoint(tmp_path / "cellfm_torch.pt", n_heads=4)
+        model = cellfm.load(tmp_path / "cellfm_torch.pt", n_heads=4)
     for a, b in zip(_outputs(tiny), _outputs(model.module), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -110,7 +110,7 @@ def test_st_tokens_load_and_every_dropped_tensor_is_named(tmp_path):
     path = tmp_path / "finetuned.ckpt"
     write_mindspore_checkpoint(tensors, path)
     with pytest.warns(UserWarning) as record:
-        model = load_official_checkpoint(path, n_heads=4)
+        model = cellfm.load(path, n_heads=4)
     message = " ".join(str(w.message) for w in record)
     assert all(k in message for k in heads) and "ST_" not in message and "moment1" not in message
     assert model.config.st_tokens
@@ -138,7 +138,7 @@ def test_truncated_and_wrong_files(tiny, tmp_path):
     tensors["encoder.0.attn.q_proj.weight"] = tensors["encoder.0.attn.q_proj.weight"][:, :8]
     write_mindspore_checkpoint(tensors, tmp_path / "bad.ckpt")
     with pytest.raises(ValueError, match=r"missing keys \['encoder.1.ffn.o_proj.weight'\].*shape mismatches"):
-        load_official_checkpoint(tmp_path / "bad.ckpt", n_heads=4)
+        cellfm.load(tmp_path / "bad.ckpt", n_heads=4)
 
 
 def test_convert_cli_writes_our_folder(tiny, tmp_path):
@@ -174,3 +174,146 @@ def test_preset_parameter_counts_equal_official(preset, n_genes, layers):
         module = CellFMModule(get_preset(preset))
     assert module.num_parameters() == _official_count(n_genes, 1536, layers)
     assert {"80m": 85_731_585, "800m": 797_391_105}[preset] == module.num_parameters()
+
+
+def _zero_batch(seed=2):
+    """Cells with zero-valued gene tokens (the official pad_zero=False layout) and padding."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 27855, (3, 30), generator=g)
+    vals = torch.rand(3, 30, generator=g) * 3
+    vals[:, ::3] = 0  # a third of each cell's genes measured as zero
+    tok = torch.ones(3, 30, dtype=torch.bool)
+    tok[2, 20:] = False
+    return ids, vals, tok
+
+
+def test_pad_zero_comes_from_the_release_and_the_override_reaches_the_config(tmp_path, caplog):
+    torch.manual_seed(4)
+    module = CellFMModule(get_preset("tiny").replace(pad_zero=False)).eval()
+    with torch.no_grad():
+        module.zero_emb.normal_(0, 1.0)  # the zero embedding is used only with pad_zero=False
+    path = tmp_path / "trained_without_pad_zero.ckpt"
+    write_mindspore_checkpoint(official_names(module.state_dict()), path)
+    with caplog.at_level("INFO", logger="cellfm.checkpoints.official"):
+        default = cellfm.load(path, n_heads=4)
+    assert default.config.pad_zero  # no release has these shapes: the official default Config
+    assert "no official release has these shapes" in caplog.text and "pad_zero=False" in caplog.text
+    asked = cellfm.load(path, n_heads=4, pad_zero=False)
+    assert not asked.config.pad_zero and not asked.config.add_zero
+    same = cellfm.CellFM.load(path, n_heads=4, pad_zero=False)  # one implementation
+    assert same.config == asked.config
+    with torch.no_grad():
+        want = module(*_zero_batch()).cell_emb
+        torch.testing.assert_close(asked.module(*_zero_batch()).cell_emb, want, rtol=0, atol=0)
+        assert (default.module(*_zero_batch()).cell_emb - want).abs().max() > 1e-3  # it matters
+    folder = asked.save(tmp_path / "folder")  # the setting travels with our folder, and is overridable there
+    assert not cellfm.load(folder).config.pad_zero and cellfm.load(folder, pad_zero=True).config.pad_zero
+
+
+def _shapes(rows: int, layers: int, zero_heads: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict of official shapes on the meta device (infer_config reads shapes only)."""
+    state = {"gene_emb": torch.empty(rows, 1536, device="meta"),
+             "value_enc.w1.weight": torch.empty(256, 1, device="meta")}
+    for i in range(layers):
+        state[f"encoder.{i}.attn.q_proj.weight"] = torch.empty(1536, 1536, device="meta")
+    if zero_heads:
+        state["value_dec.zero_logit.0.weight"] = torch.empty(1536, 1536, device="meta")
+    return state
+
+
+def test_release_settings_are_the_official_configs(caplog):
+    from cellfm.checkpoints import infer_config
+
+    with caplog.at_level("INFO", logger="cellfm.checkpoints.official"):
+        c80 = infer_config(_shapes(27856, 2))
+    assert (c80.pad_zero, c80.add_zero, c80.n_heads, c80.vocabulary) == (False, False, 48, "cellfm-27k")
+    assert "cellfm-80m (official Config_80M)" in caplog.text
+    c800 = infer_config(_shapes(24080, 40))
+    assert (c800.pad_zero, c800.add_zero, c800.n_layers) == (True, False, 40)
+    assert infer_config(_shapes(27856, 2), pad_zero=True).pad_zero
+    assert infer_config(_shapes(24080, 40), release="cellfm-80m").pad_zero is False
+    zero = infer_config(_shapes(27856, 4, zero_heads=True))  # zero heads in the file: add_zero, no pad_zero
+    assert zero.add_zero and not zero.pad_zero
+    with pytest.raises(TypeError, match=r"unknown model setting\(s\) \['n_head'\]"):
+        infer_config(_shapes(27856, 2), n_head=8)
+
+
+def test_heads_message_names_the_argument_of_each_interface(tiny, tmp_path):
+    path = tmp_path / "x.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    with pytest.raises(ValueError, match=r"pass n_heads=<heads> \("):
+        cellfm.CellFM.load(path)
+    from typer.testing import CliRunner
+
+    _register()
+    result = CliRunner().invoke(app, ["convert", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "pass --n-heads HEADS (" in result.output
+    result = CliRunner().invoke(app, ["convert", str(path), "-o", str(tmp_path / "out"), "--n-heads", "4",
+                                      "--no-pad-zero"])
+    assert result.exit_code == 0, result.output
+    assert "pad_zero=False" in result.output and not cellfm.load(tmp_path / "out").config.pad_zero
+
+
+def test_official_annotation_checkpoint_imports_into_encoder_and_head(tmp_path):
+    """The official `Net` tensors of the annotation parity fixture, written as a MindSpore
+    checkpoint, read back into CellFMModule + CellTypeHead give the official logits."""
+    from cellfm.checkpoints import load_official_annotation, read_official_annotation
+    from cellfm.model.cell_type_head import CellTypeHead
+
+    fixture = Path(__file__).parent / "fixtures" / "parity"
+    z, ref = np.load(fixture / "annotation_inputs.npz"), np.load(fixture / "annotation_official.npz")
+    ours = {k[2:]: z[k] for k in z.files if k.startswith("w:")}
+    table = np.zeros((get_preset("tiny").gene_table_rows, 32), np.float32)
+    table[z["used_rows"]] = z["gene_rows"]
+    official = {}
+    for name in ours:
+        k = re.sub(r"(post_norm\d)\.weight$", r"\1.gamma", name)
+        k = re.sub(r"(post_norm\d)\.bias$", r"\1.beta", k)
+        if k.startswith("enc."):
+            k = "extractor." + re.sub(r"^value_enc\.(w1|w3|table|a)\b", r"value_enc.value_enc.\1", k[4:])
+        else:
+            k = k[5:]
+        official[k] = ours[name]
+    official["extractor.gene_emb"] = table
+    wanted = {k[2:] for k in ref.files if k.startswith("g:")}  # every parameter of the official Net
+    official = {k: v for k, v in official.items() if k in wanted}
+    assert set(official) == wanted
+    official.update({f"moment1.{k}": np.zeros_like(v) for k, v in official.items()})  # Adam state
+    path = tmp_path / "annotation_net.ckpt"
+    write_mindspore_checkpoint(official, path)
+
+    config, enc_state, head_state = read_official_annotation(path, n_heads=4)
+    assert config.pad_zero and not config.add_zero and config.n_layers == 4
+    encoder = CellFMModule(config).eval()
+    encoder.load_state_dict(enc_state)
+    n_types = head_state["cluster_emb"].shape[0]
+    head = CellTypeHead(config.d_model, config.n_heads, n_types, dropout=0.0).eval()
+    head.load_state_dict(head_state)
+    _, encoder2, head2 = load_official_annotation(path, n_heads=4)
+    t = torch.from_numpy
+    tok = t(z["token_mask"])
+    with torch.no_grad():
+        for enc, hd in ((encoder, head), (encoder2, head2)):
+            states, _ = enc.encode(t(z["gene_ids"]), t(z["values"]), tok)
+            token_logits, cls_logits = hd(states, tok)
+            np.testing.assert_allclose(token_logits.numpy(), ref["token_logits"], atol=4e-5, rtol=0)
+            np.testing.assert_allclose(cls_logits.numpy(), ref["cls_logits"], atol=4e-5, rtol=0)
+    with pytest.raises(ValueError, match="an official annotation model .*read_official_annotation"):
+        cellfm.load(path, n_heads=4)
+
+
+def test_convert_cli_refuses_a_full_folder_in_flag_words(tiny, tmp_path):
+    from typer.testing import CliRunner
+
+    path = tmp_path / "m.ckpt"
+    write_mindspore_checkpoint(official_names(tiny.state_dict()), path)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    _register()
+    args = ["convert", str(path), "-o", str(tmp_path / "out"), "--n-heads", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "pass --overwrite to replace it" in result.output
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert CliRunner().invoke(app, [*args, "--overwrite"]).exit_code == 0
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["config.json", "genes.txt", "model.safetensors"]

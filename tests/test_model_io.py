@@ -38,6 +38,19 @@ def test_save_load_round_trip_is_exact(tiny, tmp_path):
                                    atol=0, rtol=0)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         tiny.save(folder)
+    assert CellFM.load(folder, dropout=0.0).config == tiny.config.replace(dropout=0.0)  # same as load
+    with pytest.raises(TypeError, match=r"unknown model setting\(s\) \['heads'\]"):
+        load(folder, heads=2)
+
+
+def test_save_over_a_folder_replaces_it_whole(tiny, tmp_path):
+    folder = tiny.save(tmp_path / "m")
+    (folder / "stale.txt").write_text("from an older save")
+    other = CellFM.from_preset("tiny")
+    other.save(folder, overwrite=True)
+    assert {p.name for p in folder.iterdir()} == {"config.json", "model.safetensors", "genes.txt"}
+    assert torch.equal(load(folder).module.gene_emb, other.module.gene_emb)
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary folder left beside it
 
 
 def test_truncated_safetensors_gives_clear_error(tiny, tmp_path):

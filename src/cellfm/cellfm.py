@@ -1,22 +1,21 @@
 """`CellFM`: the user-facing model object (scvi-tools style).
 
 It holds a `ModelConfig`, the `CellFMModule` and the `GeneVocabulary` its gene ids refer to, and
-knows folders and AnnData; the module knows only tensors. Our folder format is
-`config.json` + `model.safetensors` + `genes.txt` (the vocabulary, one symbol per line).
+knows folders and AnnData; the module knows only tensors. Files are read and written as parts by
+`cellfm.checkpoints` (our folder: `config.json` + `model.safetensors` + `genes.txt`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file, save_file
 
+from cellfm.checkpoints import PRETRAINED_DIR, load_state_checked, read_model, write_model_folder
 from cellfm.config import ModelConfig, get_preset
 from cellfm.contract.setup import setup_cells
 from cellfm.embedding.engine import embed_cells
@@ -26,9 +25,8 @@ from cellfm.vocab import GeneVocabulary, load_vocabulary, map_genes
 if TYPE_CHECKING:
     import anndata as ad
 
-FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
-PRETRAINED_DIR = Path(__file__).parent / "pretrained"
+__all__ = ["PRETRAINED_DIR", "CellFM", "load"]
 
 
 class CellFM:
@@ -100,42 +98,32 @@ class CellFM:
 
     # ---- persistence --------------------------------------------------------------------
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write `config.json`, `model.safetensors` and `genes.txt` into folder `path`."""
-        path = Path(path)
-        if path.exists() and any(path.iterdir()) and not overwrite:
-            raise FileExistsError(f"{path} is not empty; pass overwrite=True to replace it")
-        path.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "model": self.config.to_dict(),
-                "vocabulary_sha256": self.vocab.sha256}
-        (path / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.module.state_dict().items()}
-        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
-        self.vocab.to_file(path / "genes.txt")
-        return path
+        """Write `config.json`, `model.safetensors` and `genes.txt` into folder `path` (atomically:
+        an interrupted save leaves no half-written folder)."""
+        state = self.module.state_dict()
+        return write_model_folder(path, self.config, state, self.vocab, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | Path, device: str | torch.device | None = None) -> CellFM:
-        """Load a model folder written by `save`."""
-        path = Path(path)
-        cfg_file, weights = path / "config.json", path / "model.safetensors"
-        for f in (cfg_file, weights):
-            if not f.is_file():
-                raise FileNotFoundError(
-                    f"{path} is not a cellfm model folder: {f.name} is missing "
-                    "(a folder needs config.json, model.safetensors and genes.txt)"
-                )
-        meta = json.loads(cfg_file.read_text())
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(f"{path} was written by a newer cellfm (format {meta['format_version']})")
-        config = ModelConfig.from_dict(meta["model"])
-        genes = path / "genes.txt"
-        vocab = GeneVocabulary.from_file(genes, name=config.vocabulary) if genes.is_file() else None
+    def load(
+        cls, name_or_path: str | Path, device: str | torch.device | None = None, **overrides: Any
+    ) -> CellFM:
+        """Load a model: a built-in name (e.g. "cellfm-mini"), an official release ("cellfm-80m",
+        "cellfm-800m": downloaded and converted into the cache on first use, see
+        `cellfm.checkpoints.hub`), a model folder, or an official checkpoint file (MindSpore `.ckpt`,
+        or a CellFM-torch `.pt`/`.pth`).
+
+        `overrides` replace `ModelConfig` fields, e.g. `n_heads=` for an official checkpoint whose
+        width is not 1536 (the number of heads is not stored in it) or `pad_zero=` (official
+        checkpoints take it from their release's official config).
+
+        Examples
+        --------
+        >>> model = cellfm.load("cellfm-80m")                        # same as CellFM.load
+        >>> model = cellfm.load("my_finetune.ckpt", n_heads=8, pad_zero=False)
+        """
+        config, state, vocab = read_model(name_or_path, **overrides)
         module = CellFMModule(config)
-        try:
-            state = load_file(str(weights))
-        except Exception as err:  # safetensors raises its own error types for corrupt files
-            raise ValueError(f"could not read {weights}: {err} (the file is corrupt or truncated)") from err
-        load_state_checked(module, state, source=str(weights))
+        load_state_checked(module, state, source=str(name_or_path))
         return cls(config, module, vocab, device=device)
 
     # ---- results ------------------------------------------------------------------------
@@ -176,50 +164,4 @@ class CellFM:
         )
 
 
-def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict with an error that names every missing, unexpected or mis-shaped key."""
-    own = module.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches {shapes[:10]}")
-        raise ValueError(f"{source} does not fit this model config: " + "; ".join(parts))
-    module.load_state_dict(state, strict=True, assign=module.gene_emb.device.type == "meta")
-
-
-def load(name_or_path: str | Path, device: str | torch.device | None = None) -> CellFM:
-    """Load a model: a built-in name (e.g. "cellfm-mini"), an official release ("cellfm-80m",
-    "cellfm-800m": downloaded and converted into the cache on first use, see
-    `cellfm.checkpoints.hub`), a model folder, or an official checkpoint file (MindSpore `.ckpt`,
-    or a CellFM-torch `.pt`/`.pth`)."""
-    p = Path(name_or_path)
-    builtin = PRETRAINED_DIR / str(name_or_path)
-    if not p.exists() and (builtin / "config.json").is_file():
-        return CellFM.load(builtin, device=device)
-    if p.is_dir():
-        return CellFM.load(p, device=device)
-    if p.is_file():
-        from cellfm.checkpoints import load_official_checkpoint
-
-        return load_official_checkpoint(p, device=device)
-    from cellfm.checkpoints.hub import OFFICIAL_WEIGHTS, is_official_name, load_official
-
-    if is_official_name(str(name_or_path)):
-        return load_official(str(name_or_path), device=device)
-    names = sorted(d.name for d in PRETRAINED_DIR.glob("*") if (d / "config.json").is_file())
-    raise FileNotFoundError(
-        f"{name_or_path!r} is neither a built-in model ({names or 'none installed'}), an official "
-        f"model ({', '.join(OFFICIAL_WEIGHTS)}; fetched on first use), a model folder nor a "
-        "checkpoint file."
-    )
+load = CellFM.load

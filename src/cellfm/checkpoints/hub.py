@@ -1,11 +1,13 @@
 """Official CellFM weights from the Hugging Face Hub: fetch once, verify, convert into the cache.
 
 The authors publish MindSpore checkpoints (weights plus Adam moments) in the Hub repository
-`ShangguanNingyuan/CellFM`. `download_official("cellfm-80m")` asks the Hub (through
-`huggingface_hub`) for the file's commit, size and sha256, downloads it into
-`<cache>/downloads/` as a `.part` file that a later run resumes, checks size and sha256, converts
-it once into our folder format in `<cache>/models/<name>/` (optimizer moments dropped) and deletes
-the checkpoint unless asked to keep it. Later loads read that folder and never touch the network.
+`ShangguanNingyuan/CellFM`. `download_official("cellfm-80m")` asks the Hub for the file's commit,
+size and sha256, checks them against what cellfm pins and the free disk space, and lets
+`huggingface_hub.hf_hub_download` fetch the file (its retries with resume inside a run, etag
+check, lock and cache layout, under `<cache>/downloads/`). The file's sha256 is checked, the
+checkpoint is converted once into our folder format in `<cache>/models/<name>/` (optimizer
+moments dropped; the release's official settings, e.g. pad_zero) and deleted unless asked to keep
+it. Later loads read that folder and never touch the network.
 
 The cache is `cache_dir`, else `$CELLFM_CACHE`, else `$XDG_CACHE_HOME/cellfm` (`~/.cache/cellfm`).
 `HF_ENDPOINT` and `HF_HUB_OFFLINE` are read at call time.
@@ -23,15 +25,16 @@ import json
 import os
 import re
 import shutil
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    import torch
-
-    from cellfm.cellfm import CellFM
+from cellfm.checkpoints.folder import write_model_folder
+from cellfm.checkpoints.mindspore_ckpt import CheckpointFormatError
+from cellfm.checkpoints.official import read_official_checkpoint
+from cellfm.vocab import load_vocabulary
+from cellfm.wording import arg
 
 HUB_REPO = "ShangguanNingyuan/CellFM"
 # Revision of HUB_REPO that downloads use. NOT YET PINNED to a commit: no machine of this project
@@ -42,17 +45,17 @@ HUB_REPO = "ShangguanNingyuan/CellFM"
 HUB_REVISION = "main"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _CHUNK = 1 << 24
+_RETRY = "run the same command again"
 
 
 @dataclass(frozen=True)
 class OfficialWeights:
-    """One released checkpoint. `size`/`sha256` are pinned where known; the Hub's own sha256
-    (the LFS etag) and size are checked in every case."""
+    """One released checkpoint file. `size`/`sha256` are pinned where known; the Hub's own size
+    and sha256 (the LFS etag) are checked in every case."""
 
     name: str
     filename: str
     description: str
-    n_heads: int = 48
     size: int | None = None
     sha256: str | None = None
     repo_id: str = HUB_REPO
@@ -106,19 +109,16 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
+def _elsewhere() -> str:
+    return f"choose another cache folder ({arg('cache_dir', placeholder='folder')} or $CELLFM_CACHE)"
+
+
 def _require_free(folder: Path, need: int, what: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if free < need:
-        raise DownloadError(
-            f"not enough disk space in {folder}: {what} needs {_gb(need)}, {_gb(free)} free. Free some "
-            "space or choose another cache folder (cache_dir= in Python, --cache-dir on the command "
-            "line, or $CELLFM_CACHE)")
-
-
-def _disk_full(folder: Path, what: str, err: OSError) -> DownloadError:
-    return DownloadError(f"the disk holding {folder} filled up while {what} ({err.strerror}). Free some "
-                         "space or choose another cache folder (cache_dir= / --cache-dir / $CELLFM_CACHE); "
-                         "a partial download is kept and resumes on the next run")
+        raise DownloadError(f"not enough disk space in {folder}: {what} needs {_gb(need)}, {_gb(free)} free. "
+                            f"Free some space or {_elsewhere()}")
 
 
 def _transport_errors() -> tuple[type[BaseException], ...]:
@@ -133,54 +133,50 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-@dataclass(frozen=True)
-class RemoteFile:
-    url: str
-    commit: str
-    size: int
-    sha256: str | None
-    etag: str
-
-
-def remote_file(spec: OfficialWeights, revision: str) -> RemoteFile:
-    """The Hub's metadata for the checkpoint (one HEAD request), checked against the pins."""
-    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+@contextmanager
+def _hub_errors(spec: OfficialWeights, revision: str, downloading: bool) -> Iterator[None]:
+    """huggingface_hub's errors -> one DownloadError that says what to do."""
     from huggingface_hub.errors import (
         EntryNotFoundError,
         HfHubHTTPError,
+        LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
 
     endpoint = _endpoint()
-    url = hf_hub_url(spec.repo_id, spec.filename, revision=revision, endpoint=endpoint)
+    unreachable = (f"could not reach the Hugging Face Hub at {endpoint}. Check the network connection or "
+                   "proxy, or set HF_ENDPOINT to a reachable mirror. Without network, copy "
+                   f"{spec.filename} onto this machine and run `cellfm convert` on it")
     try:
-        meta = get_hf_file_metadata(url, endpoint=endpoint)
+        yield
+    except LocalEntryNotFoundError as err:  # hf_hub_download: no answer and nothing cached
+        raise DownloadError(unreachable) from err
     except RevisionNotFoundError as err:
         raise DownloadError(f"revision {revision!r} does not exist in {spec.repo_id} on {endpoint}; pass "
-                            "another one (revision= / --revision / $CELLFM_HUB_REVISION)") from err
+                            f"another one ({arg('revision', placeholder='rev')} or "
+                            "$CELLFM_HUB_REVISION)") from err
     except (RepositoryNotFoundError, EntryNotFoundError) as err:
-        raise DownloadError(f"{spec.repo_id}/{spec.filename} at revision {revision!r} is not on {endpoint} "
-                            f"(HTTP {err.response.status_code}); the release may have moved: check the "
-                            "repository page and pass the right revision= / --revision") from err
+        raise DownloadError(f"{spec.repo_id}/{spec.filename} at revision {revision!r} is not on {endpoint}; "
+                            "the release may have moved: check the repository page and pass the right "
+                            f"{arg('revision', placeholder='rev')}") from err
     except HfHubHTTPError as err:
-        raise DownloadError(f"the Hub at {endpoint} answered HTTP {err.response.status_code} for {url}; "
-                            "try again later") from err
+        status = err.response.status_code if err.response is not None else "?"
+        what = f"the download of {spec.filename} failed" if downloading else f"the Hub at {endpoint} failed"
+        raise DownloadError(f"{what} (HTTP {status} from the server); try again later: {_RETRY}") from err
     except _transport_errors() as err:
-        raise DownloadError(
-            f"could not reach the Hugging Face Hub at {endpoint} ({type(err).__name__}: {err}). Check the "
-            "network connection or proxy, or set HF_ENDPOINT to a reachable mirror. Without network, copy "
-            f"{spec.filename} onto this machine and run `cellfm convert` on it") from err
-    if meta.size is None or meta.commit_hash is None or meta.etag is None:
-        raise DownloadError(f"{endpoint} did not report the size, commit and etag of {spec.filename}; "
-                            "HF_ENDPOINT must point at a Hugging Face Hub (or a faithful mirror)")
-    sha = meta.etag.lower() if _SHA256.match(meta.etag.lower()) else None  # LFS etag = sha256
-    for what, pinned, served in (("size", spec.size, meta.size), ("sha256", spec.sha256, sha)):
-        if pinned is not None and served is not None and pinned != served:
-            raise DownloadError(f"{endpoint} serves {spec.filename} with {what} {served}, but cellfm pins "
-                                f"{pinned} for {spec.name}: the release changed; check it before trusting it")
-    location = meta.location if meta.xet_file_data is None else url
-    return RemoteFile(location, meta.commit_hash, meta.size, sha or spec.sha256, meta.etag)
+        if not downloading:
+            raise DownloadError(f"{unreachable} ({type(err).__name__}: {err})") from err
+        raise DownloadError(f"the download of {spec.filename} was interrupted ({type(err).__name__}: {err}); "
+                            f"{_RETRY}") from err
+    except OSError as err:
+        if err.errno == errno.ENOSPC:
+            raise DownloadError(f"the disk filled up while downloading {spec.filename} ({err.strerror}). "
+                                f"Free some space or {_elsewhere()}") from err
+        if "Consistency check failed" in str(err):
+            raise DownloadError(f"the server sent fewer bytes of {spec.filename} than it announced; "
+                                f"{_RETRY}") from err
+        raise
 
 
 def _sha256(path: Path) -> str:
@@ -195,12 +191,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -208,109 +198,104 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def fetch_checkpoint(spec: OfficialWeights, folder: Path, revision: str,
-                     force: bool = False) -> tuple[Path, dict]:
-    """Download the checkpoint into `folder` (resuming a `.part` left by an interrupted run) and
-    verify it. Returns the file and its provenance (repo, revision, commit, size, sha256)."""
-    from filelock import FileLock
-
-    folder.mkdir(parents=True, exist_ok=True)
-    final, part = folder / spec.filename, folder / f"{spec.filename}.part"
-    info_file, part_info_file = folder / f"{spec.filename}.json", folder / f"{spec.filename}.part.json"
-    with FileLock(str(folder / f"{spec.filename}.lock")):
-        info = _read_json(info_file)
-        if final.is_file() and info and not force and (revision in (info["revision"], info["commit"])
-                                                        or _offline()):
-            return final, info
-        if _offline():
-            raise DownloadError(
-                f"HF_HUB_OFFLINE is set and {spec.name} is not in the cache {folder.parent}. Unset "
-                f"HF_HUB_OFFLINE, or on a machine with network run `cellfm download {spec.name[7:]}` and "
-                f"copy its cache folder here (or set $CELLFM_CACHE to it)")
-        remote = remote_file(spec, revision)
-        part_info = _read_json(part_info_file)
-        have = part.stat().st_size if part.is_file() else 0
-        if force or part_info is None or part_info.get("etag") != remote.etag or have > remote.size:
-            have = 0  # a part of another file version (or none): start over
-        _require_free(folder, remote.size - have, f"downloading {spec.filename}")
-        _write_json(part_info_file, {"etag": remote.etag, "size": remote.size, "commit": remote.commit})
-        _download(remote, part, have, spec.filename)
-        got = part.stat().st_size
-        if got != remote.size:
-            raise DownloadError(f"{part} has {got:,} of {remote.size:,} bytes: the download stopped early; "
-                                "run the same command again to resume it")
-        digest = _sha256(part)
-        if remote.sha256 is not None and digest != remote.sha256:
-            part.unlink()
-            part_info_file.unlink(missing_ok=True)
-            raise DownloadError(f"{spec.filename} downloaded with sha256 {digest}, expected {remote.sha256}: "
-                                "the file is corrupt and was deleted; run the same command again")
-        os.replace(part, final)
-        part_info_file.unlink(missing_ok=True)
-        info = {"repo_id": spec.repo_id, "filename": spec.filename, "revision": revision,
-                "commit": remote.commit, "size": remote.size, "sha256": digest, "endpoint": _endpoint()}
-        _write_json(info_file, info)
-        return final, info
+def _forget(path: Path) -> None:
+    """Delete a file from the huggingface_hub cache: the snapshot entry and the blob it points at."""
+    blob = path.resolve()
+    path.unlink(missing_ok=True)
+    blob.unlink(missing_ok=True)
 
 
-def _download(remote: RemoteFile, part: Path, have: int, filename: str) -> None:
-    """GET (with a Range from byte `have`) into `part`; huggingface_hub retries dropped
-    connections itself and shows the progress bar. Whatever arrived stays in `part`."""
-    from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.file_download import http_get
-
-    def interrupted(why: str) -> DownloadError:
-        done = part.stat().st_size if part.is_file() else 0
-        return DownloadError(f"the download of {filename} stopped after {done:,} of {remote.size:,} bytes "
-                             f"({why}); the partial file {part} is kept: run the same command again to "
-                             "resume it")
+def _local(spec: OfficialWeights, hub_cache: Path, revision: str) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
-        with part.open("r+b" if have else "wb") as f:
-            f.seek(have)
-            f.truncate()
-            http_get(remote.url, f, resume_size=have, expected_size=remote.size,
-                     displayed_filename=filename)
-    except HfHubHTTPError as err:
-        raise interrupted(f"HTTP {err.response.status_code} from the server") from err
-    except OSError as err:
-        if err.errno == errno.ENOSPC:
-            raise _disk_full(part.parent, f"downloading {filename}", err) from err
-        if "Consistency check failed" in str(err):
-            raise interrupted("the server sent fewer bytes than announced") from err
-        raise
-    except _transport_errors() as err:
-        raise interrupted(f"{type(err).__name__}: {err}") from err
+        return Path(hf_hub_download(spec.repo_id, spec.filename, revision=revision, cache_dir=hub_cache,
+                                    local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
+def fetch_checkpoint(spec: OfficialWeights, hub_cache: Path, revision: str,
+                     force: bool = False) -> tuple[Path, dict]:
+    """The checkpoint file (downloaded by `hf_hub_download` into `hub_cache`, or found there) and
+    its provenance; its sha256 is checked against the pin or the Hub's LFS etag."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+
+    endpoint = _endpoint()
+    commit, expected = None, spec.sha256
+    if _offline():
+        path = None if force else _local(spec, hub_cache, revision)
+        if path is None:
+            raise DownloadError(
+                f"HF_HUB_OFFLINE is set and {spec.name} is not in the cache {hub_cache.parent}. Unset "
+                "HF_HUB_OFFLINE, or on a machine with network run "
+                f"`cellfm download {spec.name[7:]}` and copy its cache folder here (or set $CELLFM_CACHE "
+                "to it)")
+    else:
+        try:
+            with _hub_errors(spec, revision, downloading=False):
+                url = hf_hub_url(spec.repo_id, spec.filename, revision=revision, endpoint=endpoint)
+                meta = get_hf_file_metadata(url, endpoint=endpoint)
+        except DownloadError as err:  # no network: a checkpoint kept from an earlier run still serves
+            path = None if force or "could not reach" not in str(err) else _local(spec, hub_cache, revision)
+            if path is None:
+                raise
+        else:
+            if meta.size is None or meta.commit_hash is None or meta.etag is None:
+                raise DownloadError(f"{endpoint} did not report the size, commit and etag of "
+                                    f"{spec.filename}; HF_ENDPOINT must point at a Hugging Face Hub (or a "
+                                    "faithful mirror)")
+            served = meta.etag.lower() if _SHA256.match(meta.etag.lower()) else None  # LFS etag = sha256
+            for what, pinned, value in (("size", spec.size, meta.size), ("sha256", spec.sha256, served)):
+                if pinned is not None and value is not None and pinned != value:
+                    raise DownloadError(f"{endpoint} serves {spec.filename} with {what} {value}, but "
+                                        f"cellfm pins {pinned} for {spec.name}: the release changed; check "
+                                        "it before trusting it")
+            commit, expected = meta.commit_hash, spec.sha256 or served
+            cached = try_to_load_from_cache(spec.repo_id, spec.filename, cache_dir=hub_cache, revision=commit)
+            if force or not isinstance(cached, str):
+                _require_free(hub_cache, meta.size, f"downloading {spec.filename}")
+            with _hub_errors(spec, revision, downloading=True):
+                path = Path(hf_hub_download(spec.repo_id, spec.filename, revision=revision,
+                                            cache_dir=hub_cache, endpoint=endpoint, force_download=force))
+    blob = path.resolve().name
+    expected = expected or (blob if _SHA256.match(blob) else None)  # offline: the blob is named by its etag
+    digest = _sha256(path)
+    if expected is not None and digest != expected:
+        _forget(path)
+        raise DownloadError(f"{spec.filename} has sha256 {digest}, expected {expected}: the file is corrupt "
+                            f"and was deleted; {_RETRY}")
+    info = {"repo_id": spec.repo_id, "filename": spec.filename, "revision": revision,
+            "commit": commit or path.parent.name, "size": path.stat().st_size, "sha256": digest,
+            "endpoint": endpoint}
+    return path, info
 
 
 def _convert(ckpt: Path, out: Path, spec: OfficialWeights, info: dict) -> None:
-    """Checkpoint -> our folder, written in a temporary folder beside `out` and renamed at the end."""
-    from cellfm.checkpoints.mindspore_ckpt import CheckpointFormatError
-    from cellfm.checkpoints.official import load_official_checkpoint
-
+    """Checkpoint -> our folder with the release's official settings (written atomically)."""
     try:
-        model = load_official_checkpoint(ckpt, n_heads=spec.n_heads)
+        config, state = read_official_checkpoint(ckpt, release=spec.name)
     except (CheckpointFormatError, ValueError) as err:
         raise DownloadError(f"{ckpt} is not a complete {spec.name} checkpoint ({err}); download it again "
-                            "(force=True in Python, --force on the command line)") from err
-    out.parent.mkdir(parents=True, exist_ok=True)
-    need = sum(t.numel() * t.element_size() for t in model.module.state_dict().values())
+                            f"({arg('force', True)})") from err
+    need = sum(t.numel() * t.element_size() for t in state.values())
     _require_free(out.parent, need, f"the converted {spec.name}")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}.", dir=out.parent))
+    source = {**info, "name": spec.name, "optimizer_state": "dropped",
+              "licence": "CC BY-NC-ND 4.0: for use on this machine; do not redistribute"}
     try:
-        model.save(tmp, overwrite=True)
-        _write_json(tmp / "source.json", {**info, "name": spec.name, "optimizer_state": "dropped",
-                                          "licence": "CC BY-NC-ND 4.0: for use on this machine; do not "
-                                                     "redistribute"})
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        write_model_folder(out, config, state, load_vocabulary(config.vocabulary), overwrite=True,
+                           extra_json={"source.json": source})
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise _disk_full(out.parent, f"converting {spec.name}", err) from err
+            raise DownloadError(f"the disk holding {out.parent} filled up while converting {spec.name}. Free "
+                                f"some space or {_elsewhere()}") from err
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _is_current(out: Path, revision: str | None) -> bool:
+    source = _read_json(out / "source.json")
+    return bool(source) and (revision is None or revision in (source["revision"], source["commit"]))
 
 
 def download_official(name: str, cache_dir: str | Path | None = None, *, revision: str | None = None,
@@ -318,26 +303,25 @@ def download_official(name: str, cache_dir: str | Path | None = None, *, revisio
     """Fetch and convert an official model once; returns its folder in the cache.
 
     A converted copy already in the cache is returned without network access unless `revision`
-    names another one or `force` is set. `keep_checkpoint` keeps the downloaded `.ckpt` beside it.
+    names another one or `force` is set. `keep_checkpoint` keeps the downloaded `.ckpt` (in the
+    huggingface_hub cache layout under `<cache>/downloads/`; `source.json` says where).
     """
+    from filelock import FileLock
+
     spec = official_weights(name)
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     out = root / "models" / spec.name
-    source = _read_json(out / "source.json")
-    if source and not force and (revision is None or revision in (source["revision"], source["commit"])):
+    if not force and _is_current(out, revision):
         return out
-    rev = revision or os.environ.get("CELLFM_HUB_REVISION") or spec.revision
-    ckpt, info = fetch_checkpoint(spec, root / "downloads", rev, force=force)
-    _convert(ckpt, out, spec, info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{spec.name}.lock")):
+        if not force and _is_current(out, revision):  # another process converted it meanwhile
+            return out
+        rev = revision or os.environ.get("CELLFM_HUB_REVISION") or spec.revision
+        ckpt, info = fetch_checkpoint(spec, root / "downloads", rev, force=force)
+        if keep_checkpoint:
+            info["checkpoint"] = str(ckpt)
+        _convert(ckpt, out, spec, info)
     if not keep_checkpoint:
-        ckpt.unlink()
-        (ckpt.parent / f"{ckpt.name}.json").unlink(missing_ok=True)
+        _forget(ckpt)
     return out
-
-
-def load_official(name: str, cache_dir: str | Path | None = None,
-                  device: str | torch.device | None = None) -> CellFM:
-    """`cellfm.load("cellfm-80m")`: the converted model from the cache, fetched on first use."""
-    from cellfm.cellfm import CellFM
-
-    return CellFM.load(download_official(name, cache_dir), device=device)

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from cellfm.cli.console import fail, run_cli
+
 
 def download(
     model: str = typer.Argument(..., help="Official release: 80m or 800m."),
@@ -21,21 +23,20 @@ def download(
     """Download official CellFM weights (CC BY-NC-ND 4.0, for use on this machine) and convert them."""
     from cellfm.checkpoints.hub import DownloadError, default_cache_dir, download_official, official_weights
 
-    try:
-        spec = official_weights(model)
-    except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from err
-    typer.echo(f"{spec.description}: {spec.repo_id}/{spec.filename}")
-    try:
-        folder = download_official(spec.name, cache_dir, revision=revision, force=force,
-                                   keep_checkpoint=keep_checkpoint)
-    except DownloadError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from err
-    typer.echo(f"ready: {folder}")
-    if cache_dir is None or cache_dir.expanduser() == default_cache_dir():
-        typer.echo(f'use it with cellfm.load("{spec.name}") or --model {spec.name}')
-    else:
-        typer.echo(f"use it with cellfm.load(\"{folder}\") or --model {folder} "
-                   f"(or set CELLFM_CACHE={cache_dir} to use the name {spec.name})")
+    with run_cli():
+        try:
+            spec = official_weights(model)
+        except ValueError as err:
+            fail(str(err), 2)
+        typer.echo(f"{spec.description}: {spec.repo_id}/{spec.filename}")
+        try:
+            folder = download_official(spec.name, cache_dir, revision=revision, force=force,
+                                       keep_checkpoint=keep_checkpoint)
+        except DownloadError as err:
+            fail(str(err), 1)
+        typer.echo(f"ready: {folder}")
+        if cache_dir is None or cache_dir.expanduser() == default_cache_dir():
+            typer.echo(f'use it with cellfm.load("{spec.name}") or --model {spec.name}')
+        else:
+            typer.echo(f"use it with cellfm.load(\"{folder}\") or --model {folder} "
+                       f"(or set CELLFM_CACHE={cache_dir} to use the name {spec.name})")
