@@ -203,6 +203,14 @@ def test_cli_perturb_runs_gears_offline(shared_data, tmp_path):
     assert (out / "perturbation_scores.md").read_text().startswith("| method |")
     assert "GEARS + CellFM gene tokens" in r.stdout
     assert "Epoch" not in r.stdout + r.stderr  # GEARS' own prints are kept off the terminal
+    rev = pd.read_csv(out / "reverse_perturbation.tsv", sep="\t")
+    assert {"GEARS", "GEARS + CellFM gene tokens", "retrieval (training profiles; pairs additive)",
+            "mean of training perturbations"} <= set(rev.method)
+    assert (rev.n_candidates == rev.n_candidates.iloc[0]).all() and rev.n_candidates.iloc[0] >= 20
+    mean = rev[rev.method == "mean of training perturbations"].iloc[0]
+    assert mean.top1 == pytest.approx(mean.chance_top1)  # identical predictions: chance
+    assert (rev.top10 >= rev.top3).all() and (rev.top3 >= rev.top1).all()
+    assert "Reverse perturbation" in (out / "perturbation_scores.md").read_text()
 
 
 def test_cli_perturb_refuses_bad_method(tmp_path):

@@ -50,17 +50,22 @@ def perturb(
         int, typer.Option(help="Cells kept per knock-out and of the controls (0: all; GEARS on CPU is slow).")
     ] = 200,
     n_folds: Annotated[int, typer.Option(help="Folds of the --method embedding predictors.")] = 5,
+    reverse: Annotated[
+        bool, typer.Option("--reverse/--no-reverse",
+                           help="Reverse perturbation (GEARS path): rank every candidate perturbation "
+                                "against each unseen observed profile; top-1/3/10 accuracy per method.")
+    ] = True,
     threads: ThreadsOpt = None,
 ) -> None:
     """Predict unseen knock-out effects (Papalexi 2021 ECCITE-seq): GEARS offline, GEARS + CellFM,
     simple baselines."""
     with run_cli():
         _perturb(output, model, data_dir, input, condition_key, control, size_factor_key, method, splits,
-                 epochs, max_cells_per_condition, n_folds, threads)
+                 epochs, max_cells_per_condition, n_folds, reverse, threads)
 
 
 def _perturb(output, model, data_dir, input, condition_key, control, size_factor_key, method, splits,
-             epochs, max_cells_per_condition, n_folds, threads) -> None:
+             epochs, max_cells_per_condition, n_folds, reverse, threads) -> None:
     from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
 
     if method not in ("auto", "gears", "embedding"):
@@ -91,6 +96,7 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
     from cellfm.tasks.perturbation import evaluate_perturbation
     from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
     from cellfm.tasks.perturbation_gears import GearsConfig
+    from cellfm.tasks.perturbation_reverse import reverse_markdown
     from cellfm.wording import cli_wording
 
     cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
@@ -104,7 +110,7 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
                 r = evaluate_perturbation_gears(
                     adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
                     condition_key=condition_key, control=control, size_factor_key=size_factor_key,
-                    log=typer.echo,
+                    reverse=reverse, log=typer.echo,
                 )
     except (KeyError, ValueError, FileNotFoundError) as err:
         fail(err.args[0], 2)
@@ -116,8 +122,17 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
         return
     write_tsv(r.table, output / "perturbation_scores.tsv")
     write_tsv(r.per_perturbation, output / "perturbation_per_knockout.tsv")
-    write_text(output / "perturbation_scores.md", perturbation_markdown(r.table) + "\n")
+    md = perturbation_markdown(r.table) + "\n"
+    if r.reverse is not None:
+        write_tsv(r.reverse, output / "reverse_perturbation.tsv")
+        write_tsv(r.reverse_per_perturbation, output / "reverse_per_knockout.tsv")
+        md += ("\n## Reverse perturbation (top-k accuracy, mean ± sd over splits)\n\n"
+               + reverse_markdown(r.reverse) + "\n")
+    write_text(output / "perturbation_scores.md", md)
     print_table(r.table[["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
                  f"unseen knock-outs, GEARS simulation split x {splits} (mean over knock-outs and splits)")
+    if r.reverse is not None:
+        print_table(r.reverse[["method", "top1", "top3", "top10", "chance_top1", "chance_top10"]],
+                    "reverse perturbation: is the true knock-out among the k closest predictions?")
 
 

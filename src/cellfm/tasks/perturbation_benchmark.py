@@ -5,7 +5,9 @@
     -> GEARS input (perturbation_gears.gears_input) -> PertData offline (our GO graph)
     -> CellFM gene tokens of the control cells (once)
     -> per split seed: GEARS, GEARS + CellFM tokens, no change, mean, linear models
-    -> per-perturbation scores (perturbation_gears.score_profiles) and their mean per method.
+    -> per-perturbation scores (perturbation_gears.score_profiles) and their mean per method
+    -> reverse perturbation: every candidate ranked against each unseen observed profile
+       (perturbation_reverse), top-1/3/10 accuracy per method beside chance.
 """
 
 from __future__ import annotations
@@ -34,6 +36,15 @@ from cellfm.tasks.perturbation_gears import (
     score_profiles,
     train_gears,
 )
+from cellfm.tasks.perturbation_reverse import (
+    additive_pairs,
+    candidate_conditions,
+    gears_candidate_profiles,
+    rank_hits,
+    retrieval_profiles,
+    summarise_reverse,
+    targets_of,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -46,12 +57,15 @@ METRICS = ["pearson_delta", "pearson_delta_de", "mse_de"]
 @dataclass(frozen=True)
 class GearsBenchmarkResult:
     """`evaluate_perturbation_gears`: mean ± sd over seeds per method (`table`), one row per
-    method x seed x perturbation, the settings and split seeds."""
+    method x seed x perturbation, the settings and split seeds; reverse perturbation's top-k
+    accuracy per method (`reverse`, None when not run) and its per-perturbation rows."""
 
     table: pd.DataFrame
     per_perturbation: pd.DataFrame
     config: GearsConfig
     seeds: tuple[int, ...]
+    reverse: pd.DataFrame | None = None
+    reverse_per_perturbation: pd.DataFrame | None = None
 
     def __getitem__(self, key: str):  # callers written for the former dict keep working
         return getattr(self, key)
@@ -68,12 +82,14 @@ def evaluate_perturbation_gears(
     condition_key: str = "condition",
     control: str = "ctrl",
     size_factor_key: str | None = None,
+    reverse: bool = True,
     log=print,
 ) -> GearsBenchmarkResult:
     """Scores of every method on GEARS' simulation split for each seed in `seeds`.
 
     `size_factor_key`: obs column of each cell's full-transcriptome count (a targeted panel's own
-    total is a poor size factor); None: the panel's total.
+    total is a poor size factor); None: the panel's total. `reverse`: also rank every candidate
+    perturbation against each unseen observed profile (perturbation_reverse).
     """
     require_gears()
     cfg = config or GearsConfig()
@@ -95,7 +111,10 @@ def evaluate_perturbation_gears(
         attach_control_index(pert_data, ctrl)
         profiles = _condition_profiles(pert_data.adata)
         gene_embeddings = _perturbation_embeddings(list(profiles.index), model, pert_data.gene2go)
-        rows = []
+        rows, rev_rows = [], []
+        cands = candidate_conditions(list(profiles.index))
+        singles = [c for c in cands if len(targets_of(c)) == 1]
+        ctrl_graphs = pert_data.dataset_processed["ctrl"][:64]
         for seed in seeds:
             with _quiet(True):
                 pert_data.prepare_split("simulation", seed=seed, train_gene_set_size=cfg.train_gene_set_size)
@@ -106,11 +125,20 @@ def evaluate_perturbation_gears(
             de = de_genes(pert_data.adata, test)
             truth = profiles.loc[test]
             preds = _baselines(profiles.loc[fit], test, ctrl_mean, gene_embeddings)
+            cand_preds = {}
+            if reverse:
+                cand_preds = {name: additive_pairs(p, ctrl_mean, cands) for name, p in
+                              _baselines(profiles.loc[fit], singles, ctrl_mean, gene_embeddings).items()}
+                cand_preds["retrieval (training profiles; pairs additive)"] = retrieval_profiles(
+                    profiles.loc[fit], ctrl_mean, cands)
             for name, tok in [("GEARS", None), ("GEARS + CellFM gene tokens", tokens)]:
                 t0 = time.time()
                 g = train_gears(pert_data, cfg, tokens=tok, seed=seed)
                 pred, gears_truth = predicted_profiles(g)
                 preds[name] = pred.loc[test]
+                if reverse:
+                    cand_preds[name] = gears_candidate_profiles(
+                        g.best_model, ctrl_graphs, pert_data.node_map_pert, cands, list(profiles.columns))
                 log(f"seed {seed}: {name} trained in {time.time() - t0:.0f} s")
                 if not np.allclose(gears_truth.loc[test].to_numpy(), truth.to_numpy(), atol=1e-4):
                     raise RuntimeError("GEARS' test cells differ from the test conditions' cells")
@@ -119,12 +147,19 @@ def evaluate_perturbation_gears(
                 per.insert(0, "seed", seed)
                 per.insert(0, "method", name)
                 rows.append(per)
+            for name, pred in cand_preds.items():
+                hits = rank_hits(truth, pred)
+                hits.insert(0, "seed", seed)
+                hits.insert(0, "method", name)
+                rev_rows.append(hits)
             log(f"seed {seed}: {len(test)} unseen perturbations: {', '.join(c.split('+')[0] for c in test)}")
     finally:
         if tmp is not None:
             tmp.cleanup()
     per = pd.concat(rows, ignore_index=True)
-    return GearsBenchmarkResult(summarise(per), per, cfg, tuple(seeds))
+    rev = pd.concat(rev_rows, ignore_index=True) if rev_rows else None
+    return GearsBenchmarkResult(summarise(per), per, cfg, tuple(seeds),
+                                summarise_reverse(rev) if rev is not None else None, rev)
 
 
 def _known_targets(screen: Screen, gene2go: dict, log) -> Screen:
