@@ -41,7 +41,7 @@ def main() -> None:
     t0 = time.time()
     adata = load_benchmark("papalexi", args.data)
     r = evaluate_perturbation_gears(adata, cellfm.load(args.model), args.data / "go_annotations_org_hs_eg_db",
-                                    seeds=tuple(args.seeds), config=cfg)
+                                    seeds=tuple(args.seeds), config=cfg, size_factor_key="response_n_umis")
     tmp = args.out.with_suffix(".tmp")
     r["per_perturbation"].to_csv(tmp, sep="\t", index=False)
     tmp.replace(args.out)

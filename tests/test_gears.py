@@ -44,14 +44,16 @@ def test_old_symbols_of_the_screen_find_their_go_terms(gene2go, shared_data):
     treat MARCH8 knock-out cells as unperturbed."""
     import anndata as ad
 
+    from cellfm.tasks.perturbation import read_screen
     from cellfm.tasks.perturbation_benchmark import _known_targets
 
     assert gene2go["MARCH8"] == gene2go["MARCHF8"]
     assert "TP53" in gene2go and "NOT_A_GENE" not in gene2go
-    cells = ad.AnnData(obs={"condition": ["ctrl", "MARCH8+ctrl", "NOT_A_GENE+ctrl", "STAT1+ctrl"]})
+    cells = ad.AnnData(X=np.ones((4, 2), dtype=np.float32),
+                       obs={"condition": ["ctrl", "MARCH8+ctrl", "NOT_A_GENE+ctrl", "STAT1+ctrl"]})
     said = []
-    kept = _known_targets(cells, "condition", "ctrl", gene2go, said.append)
-    assert list(kept.obs.condition) == ["ctrl", "MARCH8+ctrl", "STAT1+ctrl"]
+    kept = _known_targets(read_screen(cells), gene2go, said.append)
+    assert list(kept.conditions) == ["ctrl", "MARCH8+ctrl", "STAT1+ctrl"] and kept.values.shape == (3, 2)
     assert "NOT_A_GENE+ctrl" in said[0]
 
 
@@ -77,9 +79,11 @@ def pert_data(shared_data, tmp_path_factory, gene2go):
     """GEARS PertData on 25 real cells per condition, built with every socket refused."""
     pytest.importorskip("gears", reason="GEARS not installed: pip install 'cellfm[gears]'")
     from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.tasks.perturbation import read_screen
     from cellfm.tasks.perturbation_gears import gears_input, prepare_pert_data
 
-    data = gears_input(load_benchmark("papalexi", shared_data), max_cells_per_condition=25)
+    screen = read_screen(load_benchmark("papalexi", shared_data), size_factor_key="response_n_umis")
+    data = gears_input(screen, max_cells_per_condition=25)
     np.random.seed(0)
     mp = pytest.MonkeyPatch()
     mp.setattr(socket.socket, "connect", lambda *a, **k: (_ for _ in ()).throw(OSError("network used")))
@@ -92,26 +96,60 @@ def pert_data(shared_data, tmp_path_factory, gene2go):
     return pdata
 
 
-def test_our_gears_forward_equals_gears_own(pert_data):
-    """With GEARS' own base embeddings (tokens=None) our forward must be GEARS_Model.forward."""
+def test_adapter_is_gears_forward_with_only_the_gene_embedding_replaced(pert_data):
+    """GearsOnCellTokens runs GEARS_Model.forward itself; with the token path's modules swapped
+    back to GEARS' own, it computes exactly what GEARS computes."""
+    from gears import GEARS
+    from gears.model import GEARS_Model
+
+    from cellfm.model.gears_adapter import GearsOnCellTokens
+    from cellfm.tasks.perturbation_gears import go_graph_tensors
+
+    assert GearsOnCellTokens.forward is GEARS_Model.forward
+    torch.manual_seed(0)
+    g = GEARS(pert_data, device="cpu")
+    G_go, G_go_weight = go_graph_tensors(pert_data)
+    g.model_initialize(hidden_size=16, G_go=G_go, G_go_weight=G_go_weight)
+    theirs = g.model.eval()
+    n_ctrl, G = len(pert_data.ctrl_adata), len(pert_data.gene_names)
+    ours = GearsOnCellTokens(g.config, torch.randn(n_ctrl, G, 8)).eval()
+    batch = next(iter(pert_data.dataloader["test_loader"]))
+    batch.z = torch.zeros(batch.num_graphs, dtype=torch.long)
+    assert any(p != -1 for idx in batch.pert_idx for p in idx)
+    with torch.no_grad():
+        assert ours(batch).shape == (batch.num_graphs, G)
+    own = {k: v for k, v in theirs.state_dict().items() if k in ours.state_dict()}
+    ours.load_state_dict(own, strict=False)
+    for name in ["gene_emb", "bn_emb", "emb_trans", "emb_pos", "layers_emb_pos", "emb_trans_v2"]:
+        setattr(ours, name, getattr(theirs, name))
+    with torch.no_grad():  # max_norm embeddings renormalise in place: equal up to float rounding
+        torch.testing.assert_close(ours(batch), theirs(batch), rtol=1e-6, atol=1e-6)
+
+
+def test_adapter_reads_each_cell_s_own_control_tokens(pert_data):
+    """Eval mode: a graph's prediction depends on its paired control cell's tokens only."""
     from gears import GEARS
 
-    from cellfm.tasks.gears_cell_tokens import gears_model_class
+    from cellfm.model.gears_adapter import GearsOnCellTokens
     from cellfm.tasks.perturbation_gears import go_graph_tensors
 
     torch.manual_seed(0)
     g = GEARS(pert_data, device="cpu")
     G_go, G_go_weight = go_graph_tensors(pert_data)
     g.model_initialize(hidden_size=16, G_go=G_go, G_go_weight=G_go_weight)
-    theirs = g.model.eval()
-    ours = gears_model_class()(g.config).eval()
-    ours.load_state_dict(theirs.state_dict())
+    n_ctrl, G = len(pert_data.ctrl_adata), len(pert_data.gene_names)
+    tokens = torch.randn(n_ctrl, G, 8)
+    model = GearsOnCellTokens(g.config, tokens).eval()
     batch = next(iter(pert_data.dataloader["test_loader"]))
-    assert any(p != -1 for idx in batch.pert_idx for p in idx)
+    batch.z = torch.arange(batch.num_graphs) % 3  # graphs paired with control rows 0, 1, 2, 0, ...
     with torch.no_grad():
-        a, b = theirs(batch), ours(batch)
-    assert a.shape == b.shape == (batch.num_graphs, len(pert_data.gene_names))
-    torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6)
+        before = model(batch)
+        tokens[1] += 1.0
+        after = model(batch)
+    changed = (before - after).abs().amax(1) > 0
+    assert changed.tolist() == (batch.z == 1).tolist()
+    with pytest.raises(ValueError, match="n_genes"):
+        GearsOnCellTokens(g.config, tokens[:, :-1])
 
 
 def test_cellfm_gene_tokens_pair_with_the_right_control_cell(pert_data):
@@ -130,9 +168,9 @@ def test_cellfm_gene_tokens_pair_with_the_right_control_cell(pert_data):
     with pytest.raises(ValueError, match="NaN"):
         control_gene_tokens(model, np.full_like(X[:2], np.nan), genes, progress=False)
     # the tokens of one cell are the encoder's gene outputs for that cell alone
-    from cellfm.tasks.perturbation import _map_to_vocab
+    from cellfm.tasks.perturbation import map_to_vocab
 
-    ids = torch.as_tensor(_map_to_vocab(genes, model))[None]
+    ids = torch.as_tensor(map_to_vocab(genes, model))[None]
     with torch.no_grad():
         mask = torch.ones_like(ids, dtype=torch.bool)
         states, _ = model.module.eval().encode(ids, torch.as_tensor(X[3:4]), mask)
@@ -165,6 +203,14 @@ def test_cli_perturb_runs_gears_offline(shared_data, tmp_path):
     assert (out / "perturbation_scores.md").read_text().startswith("| method |")
     assert "GEARS + CellFM gene tokens" in r.stdout
     assert "Epoch" not in r.stdout + r.stderr  # GEARS' own prints are kept off the terminal
+    rev = pd.read_csv(out / "reverse_perturbation.tsv", sep="\t")
+    assert {"GEARS", "GEARS + CellFM gene tokens", "retrieval (training profiles; pairs additive)",
+            "mean of training perturbations"} <= set(rev.method)
+    assert (rev.n_candidates == rev.n_candidates.iloc[0]).all() and rev.n_candidates.iloc[0] >= 20
+    mean = rev[rev.method == "mean of training perturbations"].iloc[0]
+    assert mean.top1 == pytest.approx(mean.chance_top1)  # identical predictions: chance
+    assert (rev.top10 >= rev.top3).all() and (rev.top3 >= rev.top1).all()
+    assert "Reverse perturbation" in (out / "perturbation_scores.md").read_text()
 
 
 def test_cli_perturb_refuses_bad_method(tmp_path):

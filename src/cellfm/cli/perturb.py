@@ -17,7 +17,7 @@ from cellfm.cli.common import (
     set_threads,
     write_tsv,
 )
-from cellfm.cli.console import fail
+from cellfm.cli.console import fail, run_cli
 from cellfm.io.write import write_text
 
 
@@ -34,9 +34,10 @@ def perturb(
     control: Annotated[str, typer.Option(help="Condition name of the control cells.")] = "ctrl",
     size_factor_key: Annotated[
         str | None,
-        typer.Option(help="obs column with each cell's full-transcriptome count (used when present; "
-                     "else the panel's total)."),
-    ] = "response_n_umis",
+        typer.Option(help="obs column with each cell's full-transcriptome count, the size factor of a "
+                     "targeted panel (default: Papalexi's response_n_umis without --input, else the "
+                     "panel's total)."),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(help="gears: GEARS, GEARS + CellFM gene tokens and the linear baselines on GEARS' "
@@ -49,10 +50,22 @@ def perturb(
         int, typer.Option(help="Cells kept per knock-out and of the controls (0: all; GEARS on CPU is slow).")
     ] = 200,
     n_folds: Annotated[int, typer.Option(help="Folds of the --method embedding predictors.")] = 5,
+    reverse: Annotated[
+        bool, typer.Option("--reverse/--no-reverse",
+                           help="Reverse perturbation (GEARS path): rank every candidate perturbation "
+                                "against each unseen observed profile; top-1/3/10 accuracy per method.")
+    ] = True,
     threads: ThreadsOpt = None,
 ) -> None:
     """Predict unseen knock-out effects (Papalexi 2021 ECCITE-seq): GEARS offline, GEARS + CellFM,
     simple baselines."""
+    with run_cli():
+        _perturb(output, model, data_dir, input, condition_key, control, size_factor_key, method, splits,
+                 epochs, max_cells_per_condition, n_folds, reverse, threads)
+
+
+def _perturb(output, model, data_dir, input, condition_key, control, size_factor_key, method, splits,
+             epochs, max_cells_per_condition, n_folds, reverse, threads) -> None:
     from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
 
     if method not in ("auto", "gears", "embedding"):
@@ -74,6 +87,8 @@ def perturb(
     cfm = load_model(model)
     try:
         adata = read_input(input) if input is not None else load_benchmark("papalexi", data_dir)
+        if input is None and size_factor_key is None:
+            size_factor_key = "response_n_umis"
         ref = load_benchmark("pbmc4k", data_dir) if method == "embedding" else None
         go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
@@ -81,6 +96,7 @@ def perturb(
     from cellfm.tasks.perturbation import evaluate_perturbation
     from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
     from cellfm.tasks.perturbation_gears import GearsConfig
+    from cellfm.tasks.perturbation_reverse import reverse_markdown
     from cellfm.wording import cli_wording
 
     cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
@@ -88,25 +104,35 @@ def perturb(
         with cli_wording():  # the input checks run first and name flags
             if method == "embedding":
                 r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds,
-                                          condition_key=condition_key, control=control)
+                                          condition_key=condition_key, control=control,
+                                          size_factor_key=size_factor_key)
             else:
                 r = evaluate_perturbation_gears(
                     adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
                     condition_key=condition_key, control=control, size_factor_key=size_factor_key,
-                    log=typer.echo,
+                    reverse=reverse, log=typer.echo,
                 )
     except (KeyError, ValueError, FileNotFoundError) as err:
         fail(err.args[0], 2)
     output.mkdir(parents=True, exist_ok=True)
     if method == "embedding":
-        write_tsv(r["table"], output / "perturbation_scores.tsv")
-        write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
-        print_table(r["table"], f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
+        write_tsv(r.table, output / "perturbation_scores.tsv")
+        write_tsv(r.per_perturbation, output / "perturbation_per_knockout.tsv")
+        print_table(r.table, f"held-out perturbations, {n_folds}-fold (mean over knock-outs)")
         return
-    write_tsv(r["table"], output / "perturbation_scores.tsv")
-    write_tsv(r["per_perturbation"], output / "perturbation_per_knockout.tsv")
-    write_text(output / "perturbation_scores.md", perturbation_markdown(r["table"]) + "\n")
-    print_table(r["table"][["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
+    write_tsv(r.table, output / "perturbation_scores.tsv")
+    write_tsv(r.per_perturbation, output / "perturbation_per_knockout.tsv")
+    md = perturbation_markdown(r.table) + "\n"
+    if r.reverse is not None:
+        write_tsv(r.reverse, output / "reverse_perturbation.tsv")
+        write_tsv(r.reverse_per_perturbation, output / "reverse_per_knockout.tsv")
+        md += ("\n## Reverse perturbation (top-k accuracy, mean ± sd over splits)\n\n"
+               + reverse_markdown(r.reverse) + "\n")
+    write_text(output / "perturbation_scores.md", md)
+    print_table(r.table[["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
                  f"unseen knock-outs, GEARS simulation split x {splits} (mean over knock-outs and splits)")
+    if r.reverse is not None:
+        print_table(r.reverse[["method", "top1", "top3", "top10", "chance_top1", "chance_top10"]],
+                    "reverse perturbation: is the true knock-out among the k closest predictions?")
 
 

@@ -8,7 +8,8 @@ per-cell gene tokens (n_control, n_genes, D) are computed once, and an MLP (D ->
 1536 -> 1024 -> 512) turns a cell's tokens into the base gene embeddings. Everything after that
 (GO-graph perturbation embedding, fusion, gene-specific decoders) is GEARS unchanged.
 
-`cell-gears` and `torch_geometric` are optional (`pip install "cellfm[gears]"`), imported here only.
+The model itself is `cellfm.model.gears_adapter.GearsOnCellTokens`; this module prepares its
+inputs (the tokens, and which control cell each GEARS cell graph was paired with).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
+
+from cellfm.tasks.perturbation import map_to_vocab
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -35,15 +39,13 @@ def control_gene_tokens(
     missing from the vocabulary enter with the padding row's (zero) gene embedding, as the authors'
     id 0, so their token carries only the value.
     """
-    from cellfm.tasks.perturbation import _map_to_vocab
-
     values = np.asarray(values, dtype=np.float32)
     if values.ndim != 2 or values.shape[1] != len(genes):
         raise ValueError(f"values has shape {values.shape} but {len(genes)} genes were given: pass one "
                          "column per gene (cells x genes)")
     if not np.isfinite(values).all() or (values < 0).any():
         raise ValueError("values hold NaN, infinite or negative numbers: pass log1p(count / total * 1e4)")
-    ids = torch.as_tensor(_map_to_vocab(genes, model), dtype=torch.long)  # (G,)
+    ids = torch.as_tensor(map_to_vocab(genes, model), dtype=torch.long)  # (G,)
     module = model.module.eval()
     dev = next(module.parameters()).device
     n, G = values.shape
@@ -51,8 +53,6 @@ def control_gene_tokens(
     out = torch.empty(n, G, model.config.d_model, dtype=dtype)
     steps = range(0, n, batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         steps = tqdm(steps, desc="CellFM gene tokens of control cells", unit="batch")
     for s in steps:
         v = torch.as_tensor(values[s : s + batch_size], dtype=torch.float32, device=dev)  # (B, G)
@@ -61,68 +61,6 @@ def control_gene_tokens(
         states, _ = module.encode(gene_ids, v, mask)  # (B, 1+G, D)
         out[s : s + len(v)] = states[:, states.shape[1] - G :].to(dtype).cpu()
     return out
-
-
-def gears_model_class():
-    """The model class, built on first use so that `cell-gears` stays optional."""
-    from gears.model import MLP, GEARS_Model
-
-    class GearsOnCellTokens(GEARS_Model):
-        """GEARS_Model whose base gene embeddings come from CellFM tokens of the paired control
-        cell (`data.z` = its row in `tokens`). `tokens` None: plain GEARS base embeddings (used to
-        check that the rest of this forward is GEARS')."""
-
-        def __init__(self, args: dict, tokens: torch.Tensor | None = None) -> None:
-            super().__init__(args)
-            h = args["hidden_size"]
-            self.tokens = tokens  # (n_control, G, D), not a parameter: frozen and possibly large
-            if tokens is not None:
-                self.token_mlp = MLP([tokens.shape[-1], 2 * h, h], last_layer_act="ReLU")
-
-        def base_embedding(self, data, n: int) -> torch.Tensor:
-            """(n * G, h) embedding of every gene of every cell in the batch."""
-            dev = self.indv_w1.device
-            if self.tokens is None:  # GEARS: gene table + 0.2 * co-expression GNN, then an MLP
-                idx = torch.arange(self.num_genes, device=dev).repeat(n)
-                base = self.emb_trans(self.bn_emb(self.gene_emb(idx)))
-                pos = self.emb_pos(idx)
-                for i, layer in enumerate(self.layers_emb_pos):
-                    pos = layer(pos, self.G_coexpress, self.G_coexpress_weight)
-                    pos = pos.relu() if i < len(self.layers_emb_pos) - 1 else pos
-                return self.emb_trans_v2(base + 0.2 * pos)
-            z = data.z.reshape(-1).cpu()  # (n,) control cell of each graph
-            tok = self.tokens[z].to(dev, torch.float32)  # (n, G, D)
-            return self.token_mlp(tok.reshape(n * self.num_genes, -1))
-
-        def forward(self, data) -> torch.Tensor:
-            n, G = data.num_graphs, self.num_genes
-            base = self.base_embedding(data, n).reshape(n, G, -1)  # (n, G, h)
-            # perturbation embeddings, smoothed over the GO graph
-            pert = self.pert_emb(torch.arange(self.num_perts, device=base.device))  # (P, h)
-            for i, layer in enumerate(self.sim_layers):
-                pert = layer(pert, self.G_sim, self.G_sim_weight)
-                pert = pert.relu() if i < self.num_layers - 1 else pert
-            # each perturbed cell: sum of its perturbations' embeddings, fused, added to all genes
-            cells = [c for c, idx in enumerate(data.pert_idx) for p in idx if p != -1]
-            perts = [p for idx in data.pert_idx for p in idx if p != -1]
-            if cells:
-                order = list(dict.fromkeys(cells))  # first-seen order, as GEARS
-                row = {c: r for r, c in enumerate(order)}
-                summed = torch.zeros(len(order), pert.shape[1], device=base.device, dtype=pert.dtype)
-                summed = summed.index_add(0, torch.tensor([row[c] for c in cells], device=base.device),
-                                          pert[perts])
-                fused = self.pert_fuse(summed if len(order) > 1 else summed.repeat(2, 1))  # BN needs 2
-                base = base.clone()
-                base[order] = base[order] + fused[: len(order), None, :]
-            base = self.transform(self.bn_pert_base(base.reshape(n * G, -1)))
-            out = self.recovery_w(base).reshape(n, G, -1)  # (n, G, h)
-            out = (out.unsqueeze(-1) * self.indv_w1).sum(2) + self.indv_b1  # (n, G, 1)
-            cross = self.cross_gene_state(out.reshape(n, G))  # (n, h)
-            cross = cross.repeat(1, G).reshape(n, G, -1)  # (n, G, h)
-            out = (torch.cat([out, cross], 2) * self.indv_w2).sum(2) + self.indv_b2  # (n, G)
-            return out + data.x.reshape(n, G)
-
-    return GearsOnCellTokens
 
 
 def attach_control_index(pert_data, control: ad.AnnData) -> None:

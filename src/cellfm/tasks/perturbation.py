@@ -17,10 +17,22 @@ the full-transcriptome UMI count as size factor when the data carry it (the pane
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
+from sklearn.linear_model import RidgeCV
+from sklearn.model_selection import KFold
+from sklearn.preprocessing import StandardScaler
+
+from cellfm.contract.counts import check_counts
+from cellfm.embedding.memory import get_gene_embeddings
+from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
+from cellfm.tasks.gene_function import vocab_symbols_of
+from cellfm.tokenizer import lognorm
+from cellfm.wording import arg
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -28,11 +40,52 @@ if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
 
 
+@dataclass(frozen=True)
+class Screen:
+    """A perturbation screen checked once: its conditions and log-normalised expression.
+
+    `values` (n_cells, n_genes) = log1p(count / total * 1e4), total = obs[size_factor_key] when
+    given (the full-transcriptome UMI count of a targeted panel), else the cell's panel total.
+    """
+
+    conditions: np.ndarray  # (n_cells,) str
+    values: sp.csr_matrix  # (n_cells, n_genes) float32
+    genes: pd.Index
+    obs_names: pd.Index
+    control: str
+
+    def take(self, rows: np.ndarray) -> Screen:
+        """The screen restricted to `rows` (a boolean mask or row indices)."""
+        return Screen(self.conditions[rows], self.values[rows], self.genes, self.obs_names[rows],
+                      self.control)
+
+
+def read_screen(
+    adata: ad.AnnData, condition_key: str = "condition", control: str = "ctrl",
+    size_factor_key: str | None = None,
+) -> Screen:
+    """Check a screen's conditions and raw counts (the shared count judge) and log-normalise it.
+
+    Every perturbation workflow starts here, so the checks run once and read the same way.
+    """
+    cond = condition_labels(adata, condition_key, control)
+    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
+    totals = None
+    if size_factor_key is not None:
+        if size_factor_key not in adata.obs.columns:
+            raise KeyError(f"obs has no column {size_factor_key!r}; pass "
+                           f"{arg('size_factor_key', placeholder='column')} with each cell's total count, "
+                           "or none to use the panel's total")
+        totals = adata.obs[size_factor_key].to_numpy(dtype=np.float64)
+    return Screen(cond, lognorm(adata.X, totals=totals), adata.var_names.astype(str),
+                  adata.obs_names.astype(str), control)
+
+
 def perturbation_effects(
     adata: ad.AnnData,
     condition_key: str = "condition",
     control: str = "ctrl",
-    size_factor_key: str | None = "response_n_umis",
+    size_factor_key: str | None = None,
     min_cells: int = 20,
 ) -> pd.DataFrame:
     """Mean log-normalised expression change per perturbation, (n_perturbations, n_genes).
@@ -40,15 +93,12 @@ def perturbation_effects(
     Conditions are named GEARS-style, "GENE+ctrl"; the index holds GENE. Perturbations with fewer
     than `min_cells` cells are left out.
     """
-    from cellfm.contract.counts import check_counts
-    from cellfm.tasks.baselines import lognorm
+    return screen_effects(read_screen(adata, condition_key, control, size_factor_key), min_cells)
 
-    cond = condition_labels(adata, condition_key, control)
-    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
-    totals = None
-    if size_factor_key is not None and size_factor_key in adata.obs.columns:
-        totals = adata.obs[size_factor_key].to_numpy(dtype=np.float64)
-    L = lognorm(adata.X, totals=totals)
+
+def screen_effects(screen: Screen, min_cells: int = 20) -> pd.DataFrame:
+    """`perturbation_effects` of a screen already read."""
+    cond, L, control = screen.conditions, screen.values, screen.control
     ctrl_mean = np.asarray(L[cond == control].mean(0)).ravel()
     rows, names = [], []
     for c in sorted(set(cond) - {control}):
@@ -59,9 +109,7 @@ def perturbation_effects(
         names.append(c.split("+")[0] if c.split("+")[0] != control else c.split("+")[-1])
     if len(rows) < 3:
         raise ValueError(f"only {len(rows)} perturbations with >= {min_cells} cells; need at least 3")
-    return pd.DataFrame(
-        np.stack(rows), index=pd.Index(names, name="perturbation"), columns=adata.var_names.astype(str)
-    )
+    return pd.DataFrame(np.stack(rows), index=pd.Index(names, name="perturbation"), columns=screen.genes)
 
 
 def condition_labels(
@@ -69,8 +117,6 @@ def condition_labels(
 ) -> np.ndarray:
     """obs[condition_key] as strings, refused when the column or the control cells are missing
     (the advice names `condition_key=` / `--condition-key` by the interface in use)."""
-    from cellfm.wording import arg
-
     if condition_key not in adata.obs.columns:
         raise KeyError(
             f"obs has no column {condition_key!r} (columns: {list(adata.obs.columns)}); pass "
@@ -86,9 +132,6 @@ def condition_labels(
 
 def ridge_predict(train_X: np.ndarray, train_Y: np.ndarray, test_X: np.ndarray) -> np.ndarray:
     """Ridge (alpha by leave-one-out CV) on standardised features. (n_test, n_genes)"""
-    from sklearn.linear_model import RidgeCV
-    from sklearn.preprocessing import StandardScaler
-
     sc = StandardScaler().fit(train_X)
     reg = RidgeCV(alphas=np.logspace(-2, 5, 15)).fit(sc.transform(train_X), train_Y)
     return reg.predict(sc.transform(test_X))
@@ -109,7 +152,8 @@ def similarity_predict(
     return out
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r, NaN when either side is constant (a 'no change' prediction has no direction)."""
     if a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
@@ -123,11 +167,8 @@ def perturbation_gene_features(
     Genes missing from the vocabulary get the mean embedding (so the prediction falls back to the
     average effect); their number is in `features["cellfm"].attrs["n_missing"]`.
     """
-    from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
-
     table = get_gene_embeddings(model)
-    mapped = _map_to_vocab(genes, model)
+    mapped = map_to_vocab(genes, model)
     emb = np.stack(
         [table.iloc[i - 1].to_numpy() if i > 0 else np.full(table.shape[1], np.nan) for i in mapped]
     ).astype(np.float32)
@@ -142,9 +183,8 @@ def perturbation_gene_features(
     return feats
 
 
-def _map_to_vocab(genes: list[str], model: CellFM) -> np.ndarray:
-    from cellfm.tasks.gene_function import vocab_symbols_of
-
+def map_to_vocab(genes: list[str], model: CellFM) -> np.ndarray:
+    """(n_genes,) vocabulary id of each gene (0: not in the vocabulary)."""
     symbols = vocab_symbols_of(genes, model)
     return np.array([model.vocab.id_of(g) if g else 0 for g in symbols], dtype=np.int64)
 
@@ -159,15 +199,14 @@ def evaluate_perturbation(
     seed: int = 0,
     condition_key: str = "condition",
     control: str = "ctrl",
-) -> dict:
+    size_factor_key: str | None = None,
+) -> EmbeddingPerturbationResult:
     """k-fold over perturbations; Pearson of predicted vs true effect over all genes and over the
     `top_de` genes with the largest |true effect| of each held-out perturbation, averaged.
 
     `reference`: real cells (raw counts, many genes) for the expression-statistics baseline.
     """
-    from sklearn.model_selection import KFold
-
-    effects = perturbation_effects(adata, condition_key, control)
+    effects = perturbation_effects(adata, condition_key, control, size_factor_key)
     genes = effects.index.tolist()
     feats = perturbation_gene_features(genes, model, reference, seed)
     Y = effects.to_numpy()
@@ -196,16 +235,25 @@ def evaluate_perturbation(
                 {
                     "method": m,
                     "perturbation": g,
-                    "pearson_all": _pearson(P[i], Y[i]),
-                    "pearson_top_de": _pearson(P[i, top], Y[i, top]),
+                    "pearson_all": pearson(P[i], Y[i]),
+                    "pearson_top_de": pearson(P[i, top], Y[i, top]),
                     "mse_top_de": float(((P[i, top] - Y[i, top]) ** 2).mean()),
                 }
             )
     per = pd.DataFrame(rows)
     table = per.groupby("method", sort=False)[["pearson_all", "pearson_top_de", "mse_top_de"]].mean()
-    return {
-        "table": table.reset_index(),
-        "per_perturbation": per,
-        "effects": effects,
-        "n_missing_in_vocab": feats["cellfm"].attrs["n_missing"],
-    }
+    return EmbeddingPerturbationResult(table.reset_index(), per, effects, feats["cellfm"].attrs["n_missing"])
+
+
+@dataclass(frozen=True)
+class EmbeddingPerturbationResult:
+    """`evaluate_perturbation`: mean scores per method, one row per method x perturbation, the
+    true effects, and how many perturbed genes the vocabulary lacks."""
+
+    table: pd.DataFrame
+    per_perturbation: pd.DataFrame
+    effects: pd.DataFrame
+    n_missing_in_vocab: int
+
+    def __getitem__(self, key: str):  # callers written for the former dict keep working
+        return getattr(self, key)

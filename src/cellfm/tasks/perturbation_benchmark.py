@@ -1,23 +1,50 @@
 """GEARS vs GEARS + CellFM vs simple baselines on the same unseen knock-outs, several splits.
 
     AnnData (counts, obs condition 'ctrl' / 'GENE+ctrl')
+    -> checked and log-normalised once (perturbation.read_screen)
     -> GEARS input (perturbation_gears.gears_input) -> PertData offline (our GO graph)
     -> CellFM gene tokens of the control cells (once)
     -> per split seed: GEARS, GEARS + CellFM tokens, no change, mean, linear models
-    -> per-perturbation scores (perturbation_gears.score_profiles) and their mean per method.
+    -> per-perturbation scores (perturbation_gears.score_profiles) and their mean per method
+    -> reverse perturbation: every candidate ranked against each unseen observed profile
+       (perturbation_reverse), top-1/3/10 accuracy per method beside chance.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from cellfm.tasks.perturbation_gears import GearsConfig, _quiet
+from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_tokens
+from cellfm.tasks.go_graph import load_gene2go
+from cellfm.tasks.perturbation import Screen, perturbation_gene_features, read_screen, similarity_predict
+from cellfm.tasks.perturbation_baselines import go_gene_embedding, linear_model_predict
+from cellfm.tasks.perturbation_gears import (
+    GearsConfig,
+    _quiet,
+    de_genes,
+    gears_input,
+    predicted_profiles,
+    prepare_pert_data,
+    require_gears,
+    score_profiles,
+    train_gears,
+)
+from cellfm.tasks.perturbation_reverse import (
+    additive_pairs,
+    candidate_conditions,
+    gears_candidate_profiles,
+    rank_hits,
+    retrieval_profiles,
+    summarise_reverse,
+    targets_of,
+)
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -25,6 +52,23 @@ if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
 
 METRICS = ["pearson_delta", "pearson_delta_de", "mse_de"]
+
+
+@dataclass(frozen=True)
+class GearsBenchmarkResult:
+    """`evaluate_perturbation_gears`: mean ± sd over seeds per method (`table`), one row per
+    method x seed x perturbation, the settings and split seeds; reverse perturbation's top-k
+    accuracy per method (`reverse`, None when not run) and its per-perturbation rows."""
+
+    table: pd.DataFrame
+    per_perturbation: pd.DataFrame
+    config: GearsConfig
+    seeds: tuple[int, ...]
+    reverse: pd.DataFrame | None = None
+    reverse_per_perturbation: pd.DataFrame | None = None
+
+    def __getitem__(self, key: str):  # callers written for the former dict keep working
+        return getattr(self, key)
 
 
 def evaluate_perturbation_gears(
@@ -37,37 +81,26 @@ def evaluate_perturbation_gears(
     workdir: str | Path | None = None,
     condition_key: str = "condition",
     control: str = "ctrl",
-    size_factor_key: str | None = "response_n_umis",
+    size_factor_key: str | None = None,
+    reverse: bool = True,
     log=print,
-) -> dict:
+) -> GearsBenchmarkResult:
     """Scores of every method on GEARS' simulation split for each seed in `seeds`.
 
-    Returns {"table": mean over perturbations and seeds (and the spread over seeds),
-    "per_perturbation": one row per method, seed and perturbation, "config": the GearsConfig}.
+    `size_factor_key`: obs column of each cell's full-transcriptome count (a targeted panel's own
+    total is a poor size factor); None: the panel's total. `reverse`: also rank every candidate
+    perturbation against each unseen observed profile (perturbation_reverse).
     """
-    from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_tokens
-    from cellfm.tasks.go_graph import load_gene2go
-    from cellfm.tasks.perturbation import condition_labels
-    from cellfm.tasks.perturbation_gears import (
-        de_genes,
-        gears_input,
-        predicted_profiles,
-        prepare_pert_data,
-        require_gears,
-        score_profiles,
-        train_gears,
-    )
-
     require_gears()
     cfg = config or GearsConfig()
     tmp = tempfile.TemporaryDirectory(prefix="cellfm-gears-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
-        condition_labels(adata, condition_key, control)  # a clear error before anything is built
+        screen = read_screen(adata, condition_key, control, size_factor_key)  # every check, once
         np.random.seed(0)  # GEARS pairs cells with random control cells through numpy's global RNG
         gene2go = load_gene2go(go_dir)
-        adata = _known_targets(adata, condition_key, control, gene2go, log)
-        data = gears_input(adata, condition_key, control, size_factor_key, cfg.max_cells_per_condition)
+        screen = _known_targets(screen, gene2go, log)
+        data = gears_input(screen, cfg.max_cells_per_condition)
         log(f"GEARS input: {data.n_obs} cells x {data.n_vars} genes, "
             f"{data.obs.condition.nunique() - 1} perturbations")
         pert_data = prepare_pert_data(data, work, gene2go)
@@ -78,7 +111,10 @@ def evaluate_perturbation_gears(
         attach_control_index(pert_data, ctrl)
         profiles = _condition_profiles(pert_data.adata)
         gene_embeddings = _perturbation_embeddings(list(profiles.index), model, pert_data.gene2go)
-        rows = []
+        rows, rev_rows = [], []
+        cands = candidate_conditions(list(profiles.index))
+        singles = [c for c in cands if len(targets_of(c)) == 1]
+        ctrl_graphs = pert_data.dataset_processed["ctrl"][:64]
         for seed in seeds:
             with _quiet(True):
                 pert_data.prepare_split("simulation", seed=seed, train_gene_set_size=cfg.train_gene_set_size)
@@ -89,11 +125,20 @@ def evaluate_perturbation_gears(
             de = de_genes(pert_data.adata, test)
             truth = profiles.loc[test]
             preds = _baselines(profiles.loc[fit], test, ctrl_mean, gene_embeddings)
+            cand_preds = {}
+            if reverse:
+                cand_preds = {name: additive_pairs(p, ctrl_mean, cands) for name, p in
+                              _baselines(profiles.loc[fit], singles, ctrl_mean, gene_embeddings).items()}
+                cand_preds["retrieval (training profiles; pairs additive)"] = retrieval_profiles(
+                    profiles.loc[fit], ctrl_mean, cands)
             for name, tok in [("GEARS", None), ("GEARS + CellFM gene tokens", tokens)]:
                 t0 = time.time()
                 g = train_gears(pert_data, cfg, tokens=tok, seed=seed)
                 pred, gears_truth = predicted_profiles(g)
                 preds[name] = pred.loc[test]
+                if reverse:
+                    cand_preds[name] = gears_candidate_profiles(
+                        g.best_model, ctrl_graphs, pert_data.node_map_pert, cands, list(profiles.columns))
                 log(f"seed {seed}: {name} trained in {time.time() - t0:.0f} s")
                 if not np.allclose(gears_truth.loc[test].to_numpy(), truth.to_numpy(), atol=1e-4):
                     raise RuntimeError("GEARS' test cells differ from the test conditions' cells")
@@ -102,25 +147,32 @@ def evaluate_perturbation_gears(
                 per.insert(0, "seed", seed)
                 per.insert(0, "method", name)
                 rows.append(per)
+            for name, pred in cand_preds.items():
+                hits = rank_hits(truth, pred)
+                hits.insert(0, "seed", seed)
+                hits.insert(0, "method", name)
+                rev_rows.append(hits)
             log(f"seed {seed}: {len(test)} unseen perturbations: {', '.join(c.split('+')[0] for c in test)}")
     finally:
         if tmp is not None:
             tmp.cleanup()
     per = pd.concat(rows, ignore_index=True)
-    return {"table": summarise(per), "per_perturbation": per, "config": cfg, "seeds": tuple(seeds)}
+    rev = pd.concat(rev_rows, ignore_index=True) if rev_rows else None
+    return GearsBenchmarkResult(summarise(per), per, cfg, tuple(seeds),
+                                summarise_reverse(rev) if rev is not None else None, rev)
 
 
-def _known_targets(adata: ad.AnnData, condition_key: str, control: str, gene2go: dict, log) -> ad.AnnData:
+def _known_targets(screen: Screen, gene2go: dict, log) -> Screen:
     """Drop conditions whose target has no GO annotation: GEARS would treat their cells as
     unperturbed (cell-gears gives an unknown target no perturbation index), silently."""
-    cond = adata.obs[condition_key].astype(str)
-    targets = {c: [g for g in c.split("+") if g != "ctrl"] for c in cond.unique() if c != control}
+    cond = screen.conditions
+    targets = {c: [g for g in c.split("+") if g != "ctrl"] for c in pd.unique(cond) if c != screen.control}
     unknown = sorted(c for c, genes in targets.items() if not all(g in gene2go for g in genes))
     if not unknown:
-        return adata
+        return screen
     log(f"left out {len(unknown)} condition(s) whose target has no GO annotation (GEARS needs one): "
         + ", ".join(unknown))
-    return adata[~cond.isin(unknown).to_numpy()].copy()
+    return screen.take(~np.isin(cond, unknown))
 
 
 def summarise(per: pd.DataFrame) -> pd.DataFrame:
@@ -142,9 +194,6 @@ def _condition_profiles(data: ad.AnnData) -> pd.DataFrame:
 
 
 def _perturbation_embeddings(conditions: list[str], model: CellFM, gene2go) -> dict[str, pd.DataFrame]:
-    from cellfm.tasks.perturbation import perturbation_gene_features
-    from cellfm.tasks.perturbation_baselines import go_gene_embedding
-
     genes = [c.split("+")[0] for c in conditions]
     feats = perturbation_gene_features(genes, model)
     out = {name: pd.DataFrame(feats[key].to_numpy(), index=conditions)
@@ -156,9 +205,6 @@ def _perturbation_embeddings(conditions: list[str], model: CellFM, gene2go) -> d
 def _baselines(train: pd.DataFrame, test: list[str], ctrl_mean: np.ndarray,
                embeddings: dict[str, pd.DataFrame]) -> dict[str, pd.DataFrame]:
     """Predicted profiles (test conditions x genes) of every baseline."""
-    from cellfm.tasks.perturbation import similarity_predict
-    from cellfm.tasks.perturbation_baselines import linear_model_predict
-
     Y = train.to_numpy()
     preds = {
         "no change (control mean)": np.tile(ctrl_mean, (len(test), 1)),

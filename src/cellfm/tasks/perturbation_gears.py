@@ -9,9 +9,9 @@ of its cells, then averaged over perturbations:
   (scanpy rank_genes_groups against control);
 - MSE of the profile over those 20 DE genes (GEARS' `mse_de`).
 
-Data: log1p(count / total * 1e4) with the cell's full-transcriptome UMI total when the data carry
-it (`size_factor_key`), else its total over the panel; the same matrix is GEARS' input and the
-CellFM encoder's values.
+Data: the screen as `perturbation.read_screen` checked and log-normalised it (with the cell's
+full-transcriptome UMI total when the caller names that column, else its panel total); the same
+matrix is GEARS' input and the CellFM encoder's values.
 """
 
 from __future__ import annotations
@@ -21,14 +21,16 @@ import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+import torch
 
-if TYPE_CHECKING:
-    import anndata as ad
+from cellfm.model.gears_adapter import GearsOnCellTokens
+from cellfm.tasks.go_graph import go_similarity_edges, write_gears_go_file
+from cellfm.tasks.perturbation import Screen, pearson
 
 
 @dataclass(frozen=True)
@@ -55,21 +57,11 @@ def require_gears() -> None:
         ) from err
 
 
-def gears_input(
-    adata: ad.AnnData, condition_key: str = "condition", control: str = "ctrl",
-    size_factor_key: str | None = "response_n_umis", max_cells_per_condition: int | None = None,
-    seed: int = 0,
-) -> ad.AnnData:
-    """A new AnnData in GEARS' layout: log-normalised CSR X, var['gene_name'], obs['condition'],
-    obs['cell_type']; conditions down-sampled to `max_cells_per_condition` cells (seeded)."""
-    import anndata as ad
-
-    from cellfm.contract.counts import check_counts
-    from cellfm.tasks.baselines import lognorm
-    from cellfm.tasks.perturbation import condition_labels
-
-    cond = condition_labels(adata, condition_key, control)
-    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
+def gears_input(screen: Screen, max_cells_per_condition: int | None = None, seed: int = 0) -> ad.AnnData:
+    """A new AnnData in GEARS' layout: log-normalised CSR X, var['gene_name'], obs['condition']
+    ('ctrl' for the control cells), obs['cell_type']; conditions down-sampled to
+    `max_cells_per_condition` cells (seeded)."""
+    cond, control = screen.conditions, screen.control
     rng = np.random.default_rng(seed)
     keep = []
     for c in pd.unique(cond):
@@ -78,18 +70,13 @@ def gears_input(
             rows = np.sort(rng.choice(rows, max_cells_per_condition, replace=False))
         keep.append(rows)
     keep = np.sort(np.concatenate(keep))
-    totals = None
-    if size_factor_key is not None and size_factor_key in adata.obs.columns:
-        totals = adata.obs[size_factor_key].to_numpy(dtype=np.float64)[keep]
-    X = lognorm(adata.X[keep], totals=totals)  # CSR float32
-    genes = adata.var_names.astype(str)
-    out = ad.AnnData(
-        X=X,
+    genes = screen.genes
+    return ad.AnnData(
+        X=sp.csr_matrix(screen.values[keep], dtype=np.float32),
         obs=pd.DataFrame({"condition": np.where(cond[keep] == control, "ctrl", cond[keep]),
-                          "cell_type": "cells"}, index=adata.obs_names[keep].astype(str)),
+                          "cell_type": "cells"}, index=screen.obs_names[keep]),
         var=pd.DataFrame({"gene_name": genes}, index=genes),
     )
-    return out
 
 
 def prepare_pert_data(adata_gears: ad.AnnData, workdir: str | Path, gene2go: dict[str, set[str]],
@@ -98,8 +85,6 @@ def prepare_pert_data(adata_gears: ad.AnnData, workdir: str | Path, gene2go: dic
     the small perturbation graph (panel genes + perturbed genes), DE genes computed by GEARS."""
     require_gears()
     from gears import PertData
-
-    from cellfm.tasks.go_graph import write_gears_go_file
 
     workdir = Path(workdir)
     write_gears_go_file(workdir, gene2go)
@@ -124,21 +109,17 @@ def go_graph_tensors(pert_data, k: int = 20):
     """GEARS' GO graph over its perturbation genes, as `model_initialize` wants it."""
     from gears.utils import GeneSimNetwork
 
-    from cellfm.tasks.go_graph import go_similarity_edges
-
     genes = list(pert_data.pert_names)
     edges = go_similarity_edges(genes, pert_data.gene2go, k=k)
     net = GeneSimNetwork(edges, genes, node_map=pert_data.node_map_pert)
     return net.edge_index, net.edge_weight
 
 
-def train_gears(pert_data, cfg: GearsConfig, tokens=None, seed: int = 0, quiet: bool = True):
+def train_gears(pert_data, cfg: GearsConfig, tokens: torch.Tensor | None = None, seed: int = 0,
+                quiet: bool = True):
     """Train GEARS (tokens None) or GEARS + CellFM tokens on the prepared split; returns the
     trained `GEARS` wrapper (its `best_model` is the one GEARS selects on validation DE MSE)."""
-    import torch
     from gears import GEARS
-
-    from cellfm.tasks.gears_cell_tokens import gears_model_class
 
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -147,7 +128,7 @@ def train_gears(pert_data, cfg: GearsConfig, tokens=None, seed: int = 0, quiet: 
         g = GEARS(pert_data, device=cfg.device)
         g.model_initialize(hidden_size=cfg.hidden_size, G_go=G_go, G_go_weight=G_w)
         if tokens is not None:
-            g.model = gears_model_class()(g.config, tokens).to(cfg.device)
+            g.model = GearsOnCellTokens(g.config, tokens).to(cfg.device)
         g.train(epochs=cfg.epochs, lr=cfg.lr)
     return g
 
@@ -176,15 +157,13 @@ def de_genes(adata_gears: ad.AnnData, conditions: list[str], n: int = 20) -> dic
 def score_profiles(pred: pd.DataFrame, truth: pd.DataFrame, ctrl: np.ndarray,
                    de: dict[str, np.ndarray]) -> pd.DataFrame:
     """Per perturbation: pearson_delta, pearson_delta_de, mse_de."""
-    from cellfm.tasks.perturbation import _pearson
-
     rows = []
     for c in truth.index:
         p, t, d = pred.loc[c].to_numpy(), truth.loc[c].to_numpy(), de[c]
         rows.append({
             "perturbation": c.split("+")[0],
-            "pearson_delta": _pearson(p - ctrl, t - ctrl),
-            "pearson_delta_de": _pearson(p[d] - ctrl[d], t[d] - ctrl[d]),
+            "pearson_delta": pearson(p - ctrl, t - ctrl),
+            "pearson_delta_de": pearson(p[d] - ctrl[d], t[d] - ctrl[d]),
             "mse_de": float(((p[d] - t[d]) ** 2).mean()),
         })
     return pd.DataFrame(rows)
