@@ -25,7 +25,7 @@ def pbmc68k(shared_data):
 def test_probe_set_tokenizes_labelled_cells(pbmc68k):
     import anndata as ad
 
-    probe = load_probe_set(pbmc68k, "bulk_labels", get_preset("tiny").config, max_cells=300)
+    probe = load_probe_set(pbmc68k, "bulk_labels", get_preset("tiny"), max_cells=300)
     labels = ad.read_h5ad(pbmc68k).obs["bulk_labels"].astype(str)
     n = len(probe.labels)
     assert 250 < n <= 300 and set(probe.classes) <= set(labels)
@@ -34,7 +34,7 @@ def test_probe_set_tokenizes_labelled_cells(pbmc68k):
     seen = np.concatenate([b.cell_index.numpy() for b in probe.batches])
     assert sorted(seen) == list(range(n))
     with pytest.raises(KeyError, match="probe_label_key"):
-        load_probe_set(pbmc68k, "no_such_column", get_preset("tiny").config)
+        load_probe_set(pbmc68k, "no_such_column", get_preset("tiny"))
 
 
 def test_probe_accuracy_separates_signal_from_noise():
@@ -65,7 +65,7 @@ def test_pretrain_logs_probe_at_step0_and_each_eval(shared_data, pbmc68k, tmp_pa
     # the logged final score is the exported model's score
     import cellfm
 
-    probe = load_probe_set(pbmc68k, "bulk_labels", get_preset("tiny").config, max_cells=200)
+    probe = load_probe_set(pbmc68k, "bulk_labels", get_preset("tiny"), max_cells=200)
     final = probe_accuracy(cls_embeddings(cellfm.load(model_dir).module, probe), probe.labels)
     assert final["knn_acc"] == pytest.approx(probes[-1]["probe/pbmc68k_reduced_counts/knn_acc"])
 
