@@ -46,9 +46,9 @@ def prepare() -> None:
     import torch
 
     from cellfm.config import ModelConfig
+    from cellfm.evaluation.data import load_benchmark
     from cellfm.model import CellFMModule
     from cellfm.model.cell_type_head import CellTypeHead
-    from cellfm.tasks.benchmark_data import load_benchmark
     from cellfm.tokenizer import iter_token_batches
     from cellfm.vocab import load_vocabulary, map_genes
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 
 import cellfm
+from cellfm.extras import installed_version
 from cellfm.model.cell_type_head import CellTypeHead
 from cellfm.tasks import annotation_head, integration_metrics
 from cellfm.tasks.annotation import CellTypeAnnotator
 from cellfm.tasks.annotation_data import trainable_copy as _trainable_copy
-from cellfm.tasks.baselines import installed_version
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,14 +45,14 @@ def _slice(adata, key, n, seed=0):
 
 @pytest.fixture(scope="module")
 def pbmc3k(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("pbmc3k", shared_data)
 
 
 @pytest.fixture(scope="module")
 def pbmc4k(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("pbmc4k", shared_data)
 
@@ -261,7 +261,7 @@ def test_hvg_pca_is_scanpys_recipe_and_applies_to_new_cells(pbmc4k):
     import anndata as ad
     import scanpy as sc
 
-    from cellfm.tasks.baselines import HvgPca
+    from cellfm.evaluation.baselines import HvgPca
 
     cells = _slice(pbmc4k, None, 300)
     hp = HvgPca(n_hvg=500, n_pcs=20).fit(cells.X)
@@ -282,23 +282,33 @@ def test_hvg_pca_is_scanpys_recipe_and_applies_to_new_cells(pbmc4k):
 
 
 def test_integration_on_real_pbmc_batches(shared_data, tiny):
-    from cellfm.tasks.integration import build_pbmc_batches, coarse_labels, describe_run, evaluate_integration
+    from cellfm.evaluation.pbmc_batches import build_pbmc_batches, coarse_labels
+    from cellfm.tasks.integration import IntegrationConfig, IntegrationResult, evaluate_integration
 
     adata = build_pbmc_batches(shared_data, max_cells_per_batch=150)
     assert set(adata.obs["batch"]) == {"pbmc4k", "pbmc3k", "celltypist"}
     assert adata.obs.loc[adata.obs["batch"] == "celltypist", "coarse_type"].isna().all()
     assert coarse_labels(pd.Series(["Naive CD4 T", "T_CD4", "MNP"])).tolist() == ["CD4 T", "CD4 T", "Myeloid"]
-    r = evaluate_integration(adata, tiny, progress=False, harmony=False, scvi_epochs=0, scorer="approximate")
-    t = r["table"].set_index("method")
+    before = (list(adata.obsm), list(adata.obs.columns), list(adata.uns), adata.X.copy())
+    cfg = IntegrationConfig(harmony=False, scvi_epochs=0, scorer="approximate")
+    r = evaluate_integration(adata, tiny, config=cfg, progress=False)
+    assert isinstance(r, IntegrationResult)
+    t = r.table.set_index("method")
     assert list(t.index) == ["CellFM (zero-shot)", "HVG+PCA"]
     assert t.to_numpy().min() >= -1e-6 and t.to_numpy().max() <= 1 + 1e-6
     assert t.loc["HVG+PCA", "KMeans NMI"] > 0.3  # real cell types separate in PCA
-    assert r["n_scored"] == (adata.obs["coarse_type"].notna()).sum() < adata.n_obs
-    assert adata.obsm["X_pca"].shape == (adata.n_obs, 50)
-    text = describe_run(r)
+    assert r.n_scored == (adata.obs["coarse_type"].notna()).sum() < adata.n_obs
+    assert r.embeddings["HVG+PCA"].shape == (adata.n_obs, 50)
+    assert r.embeddings["CellFM (zero-shot)"].shape == (adata.n_obs, tiny.config.d_model)
+    # the caller's AnnData is only read
+    assert (list(adata.obsm), list(adata.obs.columns), list(adata.uns)) == before[:3]
+    assert (adata.X != before[3]).nnz == 0
+    text = r.describe()
     assert "approximate, scib-metrics not installed" in text and "HVG+PCA: " in text
     with pytest.raises(KeyError, match="no column 'donor'"):
         evaluate_integration(adata, tiny, batch_key="donor")
+    with pytest.raises(ValueError, match="scvi_epochs=-1"):
+        IntegrationConfig(scvi_epochs=-1)
 
 
 @pytest.mark.slow  # about 30 s: importing scvi-tools / lightning dominates
@@ -307,8 +317,8 @@ def test_integration_on_real_pbmc_batches(shared_data, tiny):
     reason="harmonypy / scvi-tools not installed ([eval] extra)",
 )
 def test_harmony_and_scvi_baselines_mix_real_batches(shared_data):
-    from cellfm.tasks.integration import build_pbmc_batches
-    from cellfm.tasks.integration_baselines import integration_baselines
+    from cellfm.evaluation.integration_baselines import integration_baselines
+    from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 
     adata = build_pbmc_batches(shared_data, datasets=("pbmc4k", "pbmc3k"), max_cells_per_batch=200)
     run = integration_baselines(adata, "batch", scvi_epochs=3, progress=False)
@@ -325,7 +335,7 @@ def test_harmony_and_scvi_baselines_mix_real_batches(shared_data):
 # ---- perturbation -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def papalexi(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("papalexi", shared_data)
 
@@ -387,8 +397,8 @@ def test_multilabel_metrics_are_the_tutorials():
 
 
 def test_go_top10_terms_multilabel(shared_data, tiny):
+    from cellfm.evaluation.gene_labels import load_go_annotations
     from cellfm.tasks.gene_function import evaluate_go_terms, go_top_terms
-    from cellfm.tasks.gene_labels import load_go_annotations
 
     go = load_go_annotations(shared_data, "MF", propagated=False)
     top = go_top_terms(go, set(tiny.vocab.genes), 3)
@@ -423,7 +433,7 @@ def test_neighbour_enrichment_detects_planted_modules():
 
 # ---- report and CLI ------------------------------------------------------------------------
 def test_report_writes_markdown(shared_data, tiny, tmp_path):
-    from cellfm.tasks.report import run_evaluation
+    from cellfm.evaluation.report import run_evaluation
 
     path = run_evaluation(tiny, tmp_path, data_dir=shared_data, tasks=("perturbation",), quick=True,
                           progress=False)

@@ -53,7 +53,7 @@ def perturb(
 ) -> None:
     """Predict unseen knock-out effects (Papalexi 2021 ECCITE-seq): GEARS offline, GEARS + CellFM,
     simple baselines."""
-    from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
+    from cellfm.evaluation.data import benchmark_path, load_benchmark
 
     if method not in ("auto", "gears", "embedding"):
         fail(f"--method {method!r} is not one of auto, gears, embedding", 2)

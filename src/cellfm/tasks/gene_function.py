@@ -24,6 +24,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cellfm.embedding.memory import get_gene_embeddings
+from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
+from cellfm.evaluation.gene_labels import load_geneformer_tasks, load_go_annotations, load_go_term_names
+from cellfm.vocab import map_genes
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -33,8 +38,6 @@ if TYPE_CHECKING:
 def vocab_symbols_of(identifiers: list[str] | pd.Index, model: CellFM) -> np.ndarray:
     """Vocabulary symbol of each identifier (symbol, alias or Ensembl id), "" where unmatched."""
     import warnings
-
-    from cellfm.vocab import map_genes
 
     # map_genes gives each token to one column only (as a data set needs); a gene list may name the
     # same gene twice (symbol and Ensembl id), so identifiers left over are mapped again on their own
@@ -59,8 +62,6 @@ def gene_features(
 ) -> dict[str, pd.DataFrame]:
     """Feature tables indexed by vocabulary symbol: "CellFM", "expression stats" (when
     `reference` cells are given), "random"."""
-    from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
 
     emb = get_gene_embeddings(model)
     emb = emb[~emb.index.duplicated()].reindex(genes)
@@ -159,8 +160,6 @@ def evaluate_binary_tasks(
     """
     from tqdm.auto import tqdm
 
-    from cellfm.tasks.gene_labels import load_geneformer_tasks
-
     raw = load_geneformer_tasks(data_dir)
     if tasks is not None:
         unknown = sorted(set(tasks) - set(raw["task"]))
@@ -224,8 +223,6 @@ def evaluate_go_terms(
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
     from tqdm.auto import tqdm
-
-    from cellfm.tasks.gene_labels import load_go_annotations, load_go_term_names
 
     go_all = load_go_annotations(data_dir, propagated=False)
     names = load_go_term_names(data_dir)

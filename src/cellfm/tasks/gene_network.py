@@ -18,6 +18,12 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellfm.embedding.memory import get_gene_embeddings
+from cellfm.evaluation.baselines import random_gene_embeddings
+from cellfm.evaluation.gene_labels import annotation_sets, load_gmt, load_go_annotations
+from cellfm.tasks.gene_function import vocab_symbols_of
+from cellfm.tokenizer import lognorm
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -109,7 +115,6 @@ def coannotation_enrichment(
 def coexpression_features(reference: ad.AnnData, genes: list[str]) -> pd.DataFrame:
     """Each gene's z-scored log-normalised expression profile across the reference cells, so that
     cosine similarity between rows = Pearson correlation across cells. (G, n_cells)"""
-    from cellfm.tasks.baselines import lognorm
 
     L = lognorm(reference.X).toarray()
     frame = pd.DataFrame(L.T, index=reference.var_names.astype(str))
@@ -135,11 +140,6 @@ def evaluate_gene_network(
     its cells, so that co-expression is defined).
     """
     from tqdm.auto import tqdm
-
-    from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import random_gene_embeddings
-    from cellfm.tasks.gene_function import vocab_symbols_of
-    from cellfm.tasks.gene_labels import annotation_sets, load_gmt, load_go_annotations
 
     emb = get_gene_embeddings(model)
     emb = emb[~emb.index.duplicated()]

@@ -41,7 +41,7 @@ def perturbation_effects(
     than `min_cells` cells are left out.
     """
     from cellfm.contract.counts import check_counts
-    from cellfm.tasks.baselines import lognorm
+    from cellfm.tokenizer import lognorm
 
     cond = condition_labels(adata, condition_key, control)
     check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
@@ -124,7 +124,7 @@ def perturbation_gene_features(
     average effect); their number is in `features["cellfm"].attrs["n_missing"]`.
     """
     from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
+    from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
 
     table = get_gene_embeddings(model)
     mapped = _map_to_vocab(genes, model)

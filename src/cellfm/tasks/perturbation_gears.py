@@ -65,8 +65,8 @@ def gears_input(
     import anndata as ad
 
     from cellfm.contract.counts import check_counts
-    from cellfm.tasks.baselines import lognorm
     from cellfm.tasks.perturbation import condition_labels
+    from cellfm.tokenizer import lognorm
 
     cond = condition_labels(adata, condition_key, control)
     check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")

@@ -17,26 +17,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cellfm.embedding.memory import as_model as resolve_model
+from cellfm.evaluation import sections as task
+from cellfm.evaluation.data import load_benchmark, resolve_data_dir
+from cellfm.evaluation.markdown import markdown_table
+from cellfm.wording import UsageError
+
 if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
 
 log = logging.getLogger(__name__)
 TASKS = ("cell_identity", "annotation", "integration", "perturbation", "gene_function", "gene_network")
-ANNOTATION_SETS = ("pbmc3k", "pbmc4k", "pbmc68k")
-
-
-def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
-    """A GitHub Markdown table (no tabulate dependency)."""
-
-    def fmt(v):
-        if isinstance(v, (float, np.floating)):
-            return "nan" if np.isnan(v) else (f"{v:.2e}" if 0 < abs(v) < 10**-digits else f"{v:.{digits}f}")
-        return str(v)
-
-    head = "| " + " | ".join(map(str, df.columns)) + " |"
-    sep = "|" + "|".join("---" for _ in df.columns) + "|"
-    body = ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)]
-    return "\n".join([head, sep, *body])
 
 
 def run_evaluation(
@@ -55,17 +46,15 @@ def run_evaluation(
     """Run `tasks` and write `report.md`, `results.json` and PNGs into `out_dir`.
 
     `quick` subsamples cells and genes (minutes on a laptop CPU instead of tens of minutes).
+    `data_dir`: the evaluation data folder (None: CELLFM_DATA_DIR).
     """
-    from cellfm.embedding.memory import as_model as resolve_model
-    from cellfm.tasks import report_sections as task
-    from cellfm.tasks.benchmark_data import default_data_dir, load_benchmark
 
     unknown = sorted(set(tasks) - set(TASKS))
     if unknown:
-        raise ValueError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+        raise UsageError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = Path(data_dir) if data_dir is not None else default_data_dir()
+    data_dir = resolve_data_dir(data_dir)
     name = model_name or (str(model) if not hasattr(model, "module") else "in-memory model")
     model = resolve_model(model)
     sections: list[str] = [
