@@ -8,6 +8,7 @@ model-vs-baseline numbers are in the evaluation report, not asserted here.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 
 import numpy as np
@@ -405,10 +406,10 @@ def test_go_top10_terms_multilabel(shared_data, tiny):
     assert top[0] == "GO:0005515" and "GO:0003674" not in top  # protein binding; the root is excluded
     r = evaluate_go_terms(tiny, data_dir=shared_data, ontologies=("MF",), n_terms=3, max_genes=400,
                           n_folds=3, progress=False)
-    s = r["summary"].set_index("method")
+    s = r.summary.set_index("method")
     assert set(s.index) == {"CellFM", "random"} and (s["n_terms"] == 3).all() and (s["n_genes"] == 400).all()
     assert s[["aupr", "fmax", "auroc"]].stack().between(0, 1).all()
-    assert set(r["terms"]["go_id"]) == set(top) and (r["terms"]["n_positive"] > 0).all()
+    assert set(r.terms["go_id"]) == set(top) and (r.terms["n_positive"] > 0).all()
     # every gene carries at least one of the terms, and protein binding most of them
     assert s["label_density"].iloc[0] >= 1 / 3
 
@@ -424,20 +425,23 @@ def test_neighbour_enrichment_detects_planted_modules():
     idx, sim = cosine_neighbours(planted, 5)
     assert (idx != np.arange(300)[:, None]).all() and (np.diff(sim, axis=1) <= 1e-6).all()
     res = coannotation_enrichment(idx, genes, sets, n_permutations=20)
-    assert res["fold_enrichment"] > 5 and res["p_permutation"] < 0.1
+    assert res.fold_enrichment > 5 and res.p_permutation < 0.1
     noise, _ = cosine_neighbours(rng.normal(size=(300, 16)), 5)
-    assert coannotation_enrichment(noise, genes, sets, n_permutations=5)["fold_enrichment"] < 2
+    assert coannotation_enrichment(noise, genes, sets, n_permutations=5).fold_enrichment < 2
     table = gene_neighbours(pd.DataFrame(planted, index=genes), k=3)
     assert len(table) == 900 and table.iloc[0]["rank"] == 1
 
 
 # ---- report and CLI ------------------------------------------------------------------------
-def test_report_writes_markdown(shared_data, tiny, tmp_path):
+def test_report_writes_markdown(shared_data, tiny, tmp_path, monkeypatch):
     from cellfm.evaluation.report import run_evaluation
+    from cellfm.evaluation.results import EvaluationConfig, EvaluationReport
 
-    path = run_evaluation(tiny, tmp_path, data_dir=shared_data, tasks=("perturbation",), quick=True,
-                          progress=False)
-    text = path.read_text()
+    cfg = EvaluationConfig(tasks=("perturbation",), quick=True, progress=False)
+    report = run_evaluation(tiny, tmp_path, data_dir=shared_data, config=cfg)
+    assert isinstance(report, EvaluationReport) and not report.failed
+    assert list(report.sections) == ["Perturbation effect prediction"] and len(report.summary) == 1
+    text = report.path.read_text()
     assert "Failed" not in text and "## Summary" in text
     if importlib.util.find_spec("gears") is not None:  # GEARS beside its baselines
         assert "| GEARS + CellFM gene tokens |" in text and "| mean of training perturbations |" in text
@@ -445,9 +449,12 @@ def test_report_writes_markdown(shared_data, tiny, tmp_path):
     else:
         assert "GEARS did not run" in text and "| mean of training effects |" in text
         assert "| perturbation | Pearson, top-20 DE genes |" in text
-    assert (tmp_path / "results.json").is_file()
+    assert report.results_path.is_file()
     with pytest.raises(ValueError, match="unknown tasks"):
-        run_evaluation(tiny, tmp_path, tasks=("dance",))
+        EvaluationConfig(tasks=("dance",))
+    monkeypatch.delenv("CELLFM_DATA_DIR", raising=False)  # no folder given: the error says how to give one
+    with pytest.raises(ValueError, match="data_dir=<folder> or set CELLFM_DATA_DIR"):
+        run_evaluation(tiny, tmp_path, config=cfg)
 
 
 def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
@@ -509,6 +516,45 @@ def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
     assert set(binary["task"]) == {"dosage_sensitive_vs_insensitive_tf", "bivalent_vs_no_methyl",
                                    "bivalent_vs_lys4_only"}
     assert {"accuracy", "auroc"} <= set(binary.columns)
+
+
+def test_cli_integrate_on_a_users_file(pbmc3k, tmp_path):
+    """`--input FILE --batch-key K --label-key L` goes through the input contract: the user's own
+    file is scored, and a file of log-normalised values ends with one error line, exit 1."""
+    from typer.testing import CliRunner
+
+    from cellfm.cli import _register, app
+    from cellfm.tokenizer import lognorm
+
+    _register()
+    cells = _slice(pbmc3k, "classified", 120)
+    cells.obs["donor"] = np.where(np.arange(cells.n_obs) % 2, "a", "b")
+    cells.write_h5ad(tmp_path / "mine.h5ad")
+    base = ["integrate", "-o", str(tmp_path / "out"), "--model", "preset:tiny", "--scvi-epochs", "0",
+            "--no-harmony", "--threads", "1", "--device", "cpu"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--input", str(tmp_path / "mine.h5ad"), "--batch-key", "donor",
+                              "--label-key", "classified"])
+    assert res.exit_code == 0, res.output
+    scores = pd.read_csv(tmp_path / "out" / "integration_scores.tsv", sep="\t")
+    assert scores["method"].tolist() == ["CellFM (zero-shot)", "HVG+PCA"]
+    assert f"on {cells.n_obs} labelled cells" in res.output
+    logged = cells.copy()
+    logged.X = lognorm(logged.X)
+    logged.write_h5ad(tmp_path / "log.h5ad")
+    for extra, code, message in [
+        (["--input", str(tmp_path / "log.h5ad"), "--batch-key", "donor", "--label-key", "classified"], 1,
+         "--allow-non-integer|log"),
+        (["--input", str(tmp_path / "mine.h5ad")], 2, "--batch-key COLUMN"),
+        (["--input", str(tmp_path / "none.h5ad"), "--batch-key", "donor", "--label-key", "classified"], 2,
+         "does not exist"),
+        (["--input", str(tmp_path / "mine.h5ad"), "--batch-key", "plate", "--label-key", "classified"], 1,
+         "no column 'plate'"),
+    ]:
+        res = runner.invoke(app, [*base, *extra])
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == code and len(errors) == 1, res.output
+        assert re.search(message, errors[0]) and "Traceback" not in res.output, res.output
 
 
 def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):

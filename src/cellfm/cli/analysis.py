@@ -22,7 +22,8 @@ from cellfm.cli.console import fail, run_cli
 from cellfm.evaluation.data import load_benchmark
 from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 from cellfm.evaluation.plots import embedding_maps
-from cellfm.evaluation.report import TASKS, run_evaluation
+from cellfm.evaluation.report import run_evaluation
+from cellfm.evaluation.results import TASKS, EvaluationConfig
 from cellfm.io.read import read_cells
 from cellfm.io.write import write_text
 from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
@@ -120,9 +121,9 @@ def gene_function(
     print_table(binary, "binary gene tasks (5-fold CV)")
     if go:
         res = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
-        write_tsv(res["summary"], output / "gene_function_go.tsv")
-        write_tsv(res["terms"], output / "gene_function_go_terms.tsv")
-        print_table(res["summary"], "GO top-10 terms, multi-label (5-fold CV)")
+        write_tsv(res.summary, output / "gene_function_go.tsv")
+        write_tsv(res.terms, output / "gene_function_go_terms.tsv")
+        print_table(res.summary, "GO top-10 terms, multi-label (5-fold CV)")
 
 
 def gene_network(
@@ -142,9 +143,9 @@ def gene_network(
     except (FileNotFoundError, ValueError) as err:
         fail(str(err), 2)
     output.mkdir(parents=True, exist_ok=True)
-    r["neighbours"].to_csv(output / f"gene_neighbours_top{k}.tsv", sep="\t", index=False)
-    r["table"].to_csv(output / "gene_network_enrichment.tsv", sep="\t", index=False)
-    print_table(r["table"], f"top-{k} neighbour co-annotation")
+    r.neighbours.to_csv(output / f"gene_neighbours_top{k}.tsv", sep="\t", index=False)
+    r.table.to_csv(output / "gene_network_enrichment.tsv", sep="\t", index=False)
+    print_table(r.table, f"top-{k} neighbour co-annotation")
 
 
 def evaluate(
@@ -164,14 +165,13 @@ def evaluate(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run every downstream task on the real data and write a Markdown report."""
-
     set_threads(threads)
-    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
-    bad = sorted(set(chosen) - set(TASKS))
-    if bad:
-        fail(f"unknown tasks {bad}; choose from {', '.join(TASKS)}", 2)
-    cfm = load_model(model)
-    path = run_evaluation(
-        cfm, output, data_dir=data_dir, tasks=chosen, annotation_mode=mode, quick=quick, model_name=model
-    )
-    typer.echo(f"report written to {path}")
+    with run_cli():
+        chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
+        cfg = EvaluationConfig(tasks=chosen, annotation_mode=mode, quick=quick,
+                               integration_finetune_epochs=integration_finetune_epochs)
+        cfm = load_model(model)
+        report = run_evaluation(cfm, output, data_dir=data_dir, config=cfg, model_name=model)
+    for title, err in report.failed.items():
+        typer.echo(f"warning: {title} failed: {err}", err=True)
+    typer.echo(f"report written to {report.path}")

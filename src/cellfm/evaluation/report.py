@@ -11,23 +11,33 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
-from cellfm.embedding.memory import as_model as resolve_model
-from cellfm.evaluation import sections as task
-from cellfm.evaluation.data import load_benchmark, resolve_data_dir
+from cellfm.embedding.memory import as_model
+from cellfm.evaluation import sections
+from cellfm.evaluation.data import resolve_data_dir
 from cellfm.evaluation.markdown import markdown_table
-from cellfm.wording import UsageError
+from cellfm.evaluation.results import EvaluationConfig, EvaluationReport, RunContext, SectionResult
+from cellfm.io.write import write_text
 
 if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
 
 log = logging.getLogger(__name__)
-TASKS = ("cell_identity", "annotation", "integration", "perturbation", "gene_function", "gene_network")
+# task -> (section title, section function)
+SECTIONS: dict[str, tuple[str, Callable[[RunContext], SectionResult]]] = {
+    "cell_identity": ("Cell identity of the frozen CLS embedding", sections.cell_identity_section),
+    "annotation": ("Cell type annotation", sections.annotation_section),
+    "integration": ("Batch integration", sections.integration_section),
+    "perturbation": ("Perturbation effect prediction", sections.perturbation_section),
+    "gene_function": ("Gene function", sections.gene_function_section),
+    "gene_network": ("Gene networks", sections.gene_network_section),
+}
 
 
 def run_evaluation(
@@ -35,161 +45,64 @@ def run_evaluation(
     out_dir: str | Path,
     *,
     data_dir: str | Path | None = None,
-    tasks: tuple[str, ...] = TASKS,
-    annotation_mode: str = "frozen",
-    quick: bool = False,
-    seed: int = 0,
-    progress: bool = True,
+    config: EvaluationConfig | None = None,
     model_name: str | None = None,
-    integration_finetune_epochs: int = 1,
-) -> Path:
-    """Run `tasks` and write `report.md`, `results.json` and PNGs into `out_dir`.
+) -> EvaluationReport:
+    """Run the tasks of `config` and write `report.md`, `results.json` and PNGs into `out_dir`.
 
-    `quick` subsamples cells and genes (minutes on a laptop CPU instead of tens of minutes).
-    `data_dir`: the evaluation data folder (None: CELLFM_DATA_DIR).
+    `data_dir`: the evaluation data folder (None: CELLFM_DATA_DIR). `model_name`: how the report
+    names the model (default: the name or path given, else "in-memory model").
     """
-
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise UsageError(f"unknown tasks {unknown}; choose from {list(TASKS)}")
+    cfg = config or EvaluationConfig()
+    data = resolve_data_dir(data_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir = resolve_data_dir(data_dir)
-    name = model_name or (str(model) if not hasattr(model, "module") else "in-memory model")
-    model = resolve_model(model)
-    sections: list[str] = [
-        "# CellFM downstream evaluation\n",
-        f"Model: `{name}`: {model!r}  \nData: `{data_dir}`  \nSeed {seed}; quick={quick}. "
-        f"Generated {time.strftime('%Y-%m-%d %H:%M')}.\n",
-    ]
-    results: dict = {"model": name, "quick": quick, "seed": seed}
-
-    def section(title: str, fn) -> None:
+    name = model_name or (str(model) if isinstance(model, (str, Path)) else "in-memory model")
+    ctx = RunContext(as_model(model), data, out, cfg)
+    done: dict[str, SectionResult] = {}
+    failed: dict[str, str] = {}
+    record: dict = {"model": name, "quick": cfg.quick, "seed": cfg.seed}
+    body: list[str] = []
+    for task in (t for t in SECTIONS if t in cfg.tasks):
+        title, fn = SECTIONS[task]
         t0 = time.time()
         try:
-            text, res = fn()
-            sections.append(f"## {title}\n\n{text}\n\n_{time.time() - t0:.0f} s_\n")
-            results[title] = res
+            res = fn(ctx)
         except Exception as err:  # one failed task must not hide the others
             log.error("%s failed: %s", title, err)
-            sections.append(f"## {title}\n\n**Failed**: `{type(err).__name__}: {err}`\n")
-            results[title] = {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
-
-    reference = None
-
-    def get_reference():
-        nonlocal reference
-        if reference is None:
-            reference = load_benchmark("pbmc4k", data_dir)
-        return reference
-
-    if "cell_identity" in tasks:
-        section("Cell identity of the frozen CLS embedding",
-                lambda: task.cell_identity_section(model, data_dir, quick, seed))
-    if "annotation" in tasks:
-        section(
-            "Cell type annotation",
-            lambda: task.annotation_section(model, data_dir, out, annotation_mode, quick, seed, progress),
-        )
-    if "integration" in tasks:
-        section(
-            "Batch integration",
-            lambda: task.integration_section(model, data_dir, out, quick, seed, progress,
-                                             integration_finetune_epochs),
-        )
-    if "perturbation" in tasks:
-        section(
-            "Perturbation effect prediction",
-            lambda: task.perturbation_section(model, data_dir, out, get_reference(), seed, quick, progress),
-        )
-    if "gene_function" in tasks:
-        section(
-            "Gene function",
-            lambda: task.gene_function_section(model, data_dir, out, get_reference(), quick, seed, progress),
-        )
-    if "gene_network" in tasks:
-        section("Gene networks",
-                lambda: task.gene_network_section(model, data_dir, out, get_reference(), seed, progress))
-
-    summary = summary_table(results)
+            failed[title] = f"{type(err).__name__}: {err}"
+            body.append(f"## {title}\n\n**Failed**: `{failed[title]}`\n")
+            record[title] = {"error": failed[title], "traceback": traceback.format_exc()}
+            continue
+        done[title] = res
+        body.append(f"## {title}\n\n{res.text}\n\n_{time.time() - t0:.0f} s_\n")
+        record[title] = res.record
+    summary = summary_table(list(done.values()))
+    head = [
+        "# CellFM downstream evaluation\n",
+        f"Model: `{name}`: {ctx.model!r}  \nData: `{data}`  \nSeed {cfg.seed}; quick={cfg.quick}. "
+        f"Generated {time.strftime('%Y-%m-%d %H:%M')}.\n",
+    ]
     if len(summary):
-        sections.insert(2, "## Summary: CellFM vs the best baseline\n\n" + markdown_table(summary) + "\n")
-    (out / "report.md").write_text("\n".join(sections))
-    (out / "results.json").write_text(json.dumps(results, indent=1, default=_jsonable) + "\n")
-    return out / "report.md"
+        head.append("## Summary: CellFM vs the best baseline\n\n" + markdown_table(summary) + "\n")
+    write_text(out / "report.md", "\n".join(head + body))
+    write_text(out / "results.json", json.dumps(record, indent=1, default=_jsonable) + "\n")
+    return EvaluationReport(out / "report.md", out / "results.json", done, failed, summary)
 
 
-def summary_table(results: dict) -> pd.DataFrame:
-    """One row per task: the headline metric of CellFM next to the best baseline."""
+def summary_table(results: list[SectionResult]) -> pd.DataFrame:
+    """One row per headline: the best CellFM variant next to the best baseline."""
     rows = []
-
-    def add(task, metric, table, key, cellfm_rows, value):
-        if table is None or not len(table):
-            return
-        t = table.groupby(key, sort=False)[value].mean()
-        is_mine = cellfm_rows if callable(cellfm_rows) else (lambda name: name.startswith(cellfm_rows))
-        mine = t[[i for i in t.index if is_mine(str(i))]]
-        base = t[[i for i in t.index if not is_mine(str(i))]]
+    for h in (h for r in results for h in r.headlines):
+        if h.table is None or not len(h.table):
+            continue
+        t = h.table.groupby(h.key, sort=False)[h.value].mean()
+        mine = t[[i for i in t.index if h.is_cellfm(str(i))]]
+        base = t[[i for i in t.index if not h.is_cellfm(str(i))]]
         if len(mine) and len(base):
-            rows.append(
-                {
-                    "task": task,
-                    "metric": metric,
-                    "CellFM": mine.max(),
-                    "CellFM variant": mine.idxmax(),
-                    "best baseline": base.max(),
-                    "baseline": base.idxmax(),
-                }
-            )
-
-    get = lambda title, key: results.get(title, {}).get(key) if isinstance(results.get(title), dict) else None  # noqa: E731
-    add("cell identity (frozen CLS)", "15-NN accuracy, mean over data sets",
-        get("Cell identity of the frozen CLS embedding", "table"), "embedding", "CellFM", "knn_acc")
-    add(
-        "annotation",
-        "macro-F1, mean over data sets",
-        get("Cell type annotation", "table"),
-        "method",
-        "CellFM",
-        "macro_f1",
-    )
-    scorer = get("Batch integration", "scorer") or ""
-    metric = ("scib-metrics Total" if scorer.startswith("scib-metrics")
-              else "Total (approximate, no scib-metrics)")
-    add("integration", metric, get("Batch integration", "table"), "method", "CellFM", "Total")
-    if get("Perturbation effect prediction", "method") == "gears":
-        add("perturbation (unseen knock-outs)", "Pearson of Δ, top-20 DE genes",
-            get("Perturbation effect prediction", "table"), "method", lambda name: "CellFM" in name,
-            "pearson_delta_de")
-    else:
-        add("perturbation", "Pearson, top-20 DE genes", get("Perturbation effect prediction", "table"),
-            "method", "CellFM", "pearson_top_de")
-    add(
-        "gene function (binary)",
-        "AUROC, mean over tasks",
-        get("Gene function", "binary"),
-        "method",
-        "CellFM",
-        "auroc",
-    )
-    add(
-        "gene function (GO)",
-        "AUPR, mean over BP/MF/CC",
-        get("Gene function", "go"),
-        "method",
-        "CellFM",
-        "aupr",
-    )
-    net = get("Gene networks", "table")
-    if net is not None:
-        add(
-            "gene network (GO BP)",
-            "fold enrichment",
-            net[net["annotation"] == "GO BP"],
-            "method",
-            "CellFM",
-            "fold_enrichment",
-        )
+            rows.append({"task": h.task, "metric": h.metric,
+                         "CellFM": mine.max(), "CellFM variant": mine.idxmax(),
+                         "best baseline": base.max(), "baseline": base.idxmax()})
     return pd.DataFrame(rows)
 
 

@@ -1,6 +1,7 @@
-"""The sections of the evaluation report: one function per task, each running the task and
-returning (Markdown text, results) with its figures written beside the report. `report.py`
-assembles them; this module holds no report layout beyond each section's own text.
+"""The sections of the evaluation report: one function per task, each taking the run's
+`RunContext`, running the task and returning a `SectionResult` (Markdown text, what results.json
+keeps, the summary's headlines) with its figures written beside the report. `report.py` assembles
+them; this module holds no report layout beyond each section's own text.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from cellfm.evaluation.data import BENCHMARKS, benchmark_path, load_benchmark
 from cellfm.evaluation.markdown import figure_link, markdown_table
 from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 from cellfm.evaluation.plots import confusion_matrix_plot, embedding_maps, grouped_bars
+from cellfm.evaluation.results import Headline, RunContext, SectionResult
 from cellfm.tasks.annotation_eval import evaluate_annotation
 from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
 from cellfm.tasks.gene_network import evaluate_gene_network
@@ -25,7 +27,8 @@ from cellfm.tasks.perturbation_gears import GearsConfig, require_gears
 ANNOTATION_SETS = ("pbmc3k", "pbmc4k", "pbmc68k")
 
 
-def cell_identity_section(model, data_dir, quick, seed):
+def cell_identity_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, quick, seed = ctx.model, ctx.data_dir, ctx.config.quick, ctx.config.seed
     table = evaluate_cell_identity(model, data_dir, seeds=(seed,) if quick else (seed, seed + 1, seed + 2),
                                    max_cells=600 if quick else 1500)
     text = (
@@ -36,10 +39,14 @@ def cell_identity_section(model, data_dir, quick, seed):
         "+- sd over CV seeds.\n\n" + identity_markdown(table) + "\n\nTargets: "
         + "; ".join(identity_targets(table)) + "."
     )
-    return text, {"table": table}
+    headline = Headline("cell identity (frozen CLS)", "15-NN accuracy, mean over data sets", table,
+                        "embedding", "knn_acc")
+    return SectionResult(text, {"table": table}, [headline])
 
 
-def annotation_section(model, data_dir, out, mode, quick, seed, progress):
+def annotation_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    mode, quick, seed, progress = cfg.annotation_mode, cfg.quick, cfg.seed, cfg.progress
     rows, res, text, n_types = [], {}, [], {}
     for ds in ANNOTATION_SETS:
         adata = load_benchmark(ds, data_dir)
@@ -95,10 +102,14 @@ def annotation_section(model, data_dir, out, mode, quick, seed, progress):
         + "\n\n"
         + figure_link(cm, "confusion matrix")
     )
-    return text, {"table": table, **res}
+    headline = Headline("annotation", "macro-F1, mean over data sets", table, "method", "macro_f1")
+    return SectionResult(text, {"table": table, **res}, [headline])
 
 
-def integration_section(model, data_dir, out, quick, seed, progress, finetune_epochs):
+def integration_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    quick, seed, progress = cfg.quick, cfg.seed, cfg.progress
+    finetune_epochs = cfg.integration_finetune_epochs
     adata = build_pbmc_batches(data_dir, max_cells_per_batch=600 if quick else None, seed=seed)
     cfg = IntegrationConfig(finetune_epochs=finetune_epochs, scvi_epochs=10 if quick else 20, seed=seed)
     r = evaluate_integration(adata, model, config=cfg, progress=progress)
@@ -139,19 +150,24 @@ def integration_section(model, data_dir, out, quick, seed, progress, finetune_ep
         + "\n\n"
         + figure_link(maps, "embedding maps")
     )
-    return text, {"table": table, "scorer": r.scorer, "methods": r.methods}
+    metric = "Total (approximate, no scib-metrics)" if approximate else "scib-metrics Total"
+    headline = Headline("integration", metric, table, "method", "Total")
+    return SectionResult(text, {"table": table, "scorer": r.scorer, "methods": r.methods}, [headline])
 
 
-def perturbation_section(model, data_dir, out, reference, seed, quick=False, progress=True):
+def perturbation_section(ctx: RunContext) -> SectionResult:
     """GEARS, GEARS + CellFM and the simple baselines when GEARS is installed, else the fast
     gene-embedding predictors (and the text says which ran)."""
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    quick, seed, progress = cfg.quick, cfg.seed, cfg.progress
 
     adata = load_benchmark("papalexi", data_dir)
     try:
         require_gears()
     except ImportError as err:
-        text, result = _perturbation_embedding_section(model, adata, out, reference, seed)
-        return f"GEARS did not run ({err}).\n\n" + text, result
+        res = _perturbation_embedding_section(ctx, adata)
+        res.text = f"GEARS did not run ({err}).\n\n" + res.text
+        return res
 
     cells = 40 if quick else 200  # GEARS on a CPU: minutes per split at 200 cells per condition
     cfg = GearsConfig(epochs=2 if quick else GearsConfig.epochs, max_cells_per_condition=cells)
@@ -184,10 +200,14 @@ def perturbation_section(model, data_dir, out, reference, seed, quick=False, pro
         + "\n\n"
         + figure_link(bars, "perturbation bars")
     )
-    return text, {"table": table, "per_perturbation": r["per_perturbation"], "method": "gears"}
+    headline = Headline("perturbation (unseen knock-outs)", "Pearson of Δ, top-20 DE genes", table,
+                        "method", "pearson_delta_de", lambda name: "CellFM" in name)
+    record = {"table": table, "per_perturbation": r["per_perturbation"], "method": "gears"}
+    return SectionResult(text, record, [headline])
 
 
-def _perturbation_embedding_section(model, adata, out, reference, seed):
+def _perturbation_embedding_section(ctx: RunContext, adata) -> SectionResult:
+    model, out, reference, seed = ctx.model, ctx.out, ctx.reference(), ctx.config.seed
     r = evaluate_perturbation(adata, model, reference=reference, seed=seed)
     table = r["table"]
     long = table.melt(id_vars="method", value_vars=["pearson_all", "pearson_top_de"], var_name="metric")
@@ -215,15 +235,19 @@ def _perturbation_embedding_section(model, adata, out, reference, seed):
         + "\n\n"
         + figure_link(bars, "perturbation bars")
     )
-    return text, {"table": table, "per_perturbation": r["per_perturbation"], "method": "embedding"}
+    headline = Headline("perturbation", "Pearson, top-20 DE genes", table, "method", "pearson_top_de")
+    record = {"table": table, "per_perturbation": r["per_perturbation"], "method": "embedding"}
+    return SectionResult(text, record, [headline])
 
 
-def gene_function_section(model, data_dir, out, reference, quick, seed, progress):
+def gene_function_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, reference = ctx.model, ctx.data_dir, ctx.out, ctx.reference()
+    quick, seed, progress = ctx.config.quick, ctx.config.seed, ctx.config.progress
     binary = evaluate_binary_tasks(model, data_dir=data_dir, reference=reference,
                                    tasks=list(PAPER_BINARY_TASKS), seed=seed, progress=progress)
     go = evaluate_go_terms(model, data_dir=data_dir, reference=reference, seed=seed, progress=progress,
                            max_genes=1500 if quick else 3000)
-    go_sum = go["summary"]
+    go_sum = go.summary
     both = pd.concat([
         binary.assign(panel=binary["task"] + " (AUROC)")[["panel", "method", "auroc"]],
         go_sum.assign(panel="GO " + go_sum["ontology"] + " (AUPR)")[["panel", "method", "aupr"]]
@@ -249,13 +273,17 @@ def gene_function_section(model, data_dir, out, reference, quick, seed, progress
         + "\n\n"
         + figure_link(bars, "gene function bars")
     )
-    return text, {"binary": binary, "go": go_sum, "go_terms": go["terms"]}
+    headlines = [Headline("gene function (binary)", "AUROC, mean over tasks", binary, "method", "auroc"),
+                 Headline("gene function (GO)", "AUPR, mean over BP/MF/CC", go_sum, "method", "aupr")]
+    return SectionResult(text, {"binary": binary, "go": go_sum, "go_terms": go.terms}, headlines)
 
 
-def gene_network_section(model, data_dir, out, reference, seed, progress):
+def gene_network_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, reference = ctx.model, ctx.data_dir, ctx.out, ctx.reference()
+    seed, progress = ctx.config.seed, ctx.config.progress
     r = evaluate_gene_network(model, data_dir=data_dir, reference=reference, seed=seed, progress=progress)
-    table = r["table"]
-    r["neighbours"].to_csv(out / "gene_neighbours_top10.tsv", sep="\t", index=False)
+    table = r.table
+    r.neighbours.to_csv(out / "gene_neighbours_top10.tsv", sep="\t", index=False)
     bars = grouped_bars(
         table,
         "annotation",
@@ -268,7 +296,7 @@ def gene_network_section(model, data_dir, out, reference, seed, progress):
         chance_label="random pairs (1x)",
     )
     text = (
-        f"{r['n_genes']} genes (vocabulary genes with a GO BP annotation, detected in >= 5 % of PBMC 4k "
+        f"{r.n_genes} genes (vocabulary genes with a GO BP annotation, detected in >= 5 % of PBMC 4k "
         "cells). For each gene its 10 nearest genes by cosine similarity; share = fraction of those pairs "
         "with a common GO BP term (terms of 5-500 genes, propagated) or Reactome pathway (5-500 genes); "
         "random = the same for 50,000 random pairs of the same genes; p_permutation from 50 shuffles of "
@@ -278,4 +306,6 @@ def gene_network_section(model, data_dir, out, reference, seed, progress):
         + "\n\n"
         + figure_link(bars, "gene network bars")
     )
-    return text, {"table": table}
+    headline = Headline("gene network (GO BP)", "fold enrichment", table[table["annotation"] == "GO BP"],
+                        "method", "fold_enrichment")
+    return SectionResult(text, {"table": table}, [headline])

@@ -18,6 +18,7 @@ of the embedding's width (chance).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -194,6 +195,14 @@ def evaluate_binary_tasks(
     return pd.DataFrame(rows)
 
 
+@dataclass
+class GoTermScores:
+    """GO top-term prediction: one summary row per (ontology, method), one row per term too."""
+
+    summary: pd.DataFrame  # ontology, method, aupr, fmax, auroc, label_density, n_genes, n_terms
+    terms: pd.DataFrame  # ontology, go_id, term, method, auroc, average_precision, n_positive
+
+
 def go_top_terms(go: pd.DataFrame, genes: set[str], n_terms: int = 10) -> list[str]:
     """The `n_terms` GO terms annotated to most of `genes` (root terms excluded; ties by id)."""
     sub = go[go["symbol"].isin(genes) & ~go["go_id"].isin(GO_ROOTS)]
@@ -213,11 +222,8 @@ def evaluate_go_terms(
     n_folds: int = 5,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, pd.DataFrame]:
-    """GO top-`n_terms` multi-label prediction per ontology.
-
-    Returns {"summary": ontology, method, aupr, fmax, auroc, label_density, n_genes, n_terms;
-    "terms": ontology, go_id, term, method, auroc, average_precision, n_positive}. The genes are the
+) -> GoTermScores:
+    """GO top-`n_terms` multi-label prediction per ontology (`GoTermScores`). The genes are the
     vocabulary genes carrying at least one of the terms, subsampled to `max_genes` (seeded; None
     keeps all) to bound the run time.
     """
@@ -261,4 +267,4 @@ def evaluate_go_terms(
                         "n_positive": int(Y[:, t].sum()),
                     }
                 )
-    return {"summary": pd.DataFrame(summary), "terms": pd.DataFrame(per_term)}
+    return GoTermScores(pd.DataFrame(summary), pd.DataFrame(per_term))
