@@ -1,5 +1,7 @@
 """`cellfm integrate`, `gene-function`, `gene-network`, `evaluate`: the analysis commands over
-`cellfm.tasks` and the evaluation report."""
+`cellfm.tasks` and the evaluation report (`cellfm.evaluation`). Each parses its flags, calls the
+API under `run_cli` (one `error:` line, exit 2 / 1) and prints; `--model` is required and the
+model used is printed."""
 
 from __future__ import annotations
 
@@ -109,21 +111,19 @@ def gene_function(
     """
 
     set_threads(threads)
-    cfm = load_model(model)
-    try:
+    with run_cli():
         ref = load_benchmark("pbmc4k", data_dir)
+        cfm = load_model(model)
         chosen = None if all_binary_tasks else list(PAPER_BINARY_TASKS)
         binary = evaluate_binary_tasks(cfm, data_dir=data_dir, reference=ref, tasks=chosen)
-    except FileNotFoundError as err:
-        fail(str(err), 2)
-    output.mkdir(parents=True, exist_ok=True)
-    write_tsv(binary, output / "gene_function_binary.tsv")
-    print_table(binary, "binary gene tasks (5-fold CV)")
-    if go:
-        res = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
-        write_tsv(res.summary, output / "gene_function_go.tsv")
-        write_tsv(res.terms, output / "gene_function_go_terms.tsv")
-        print_table(res.summary, "GO top-10 terms, multi-label (5-fold CV)")
+        output.mkdir(parents=True, exist_ok=True)
+        write_tsv(binary, output / "gene_function_binary.tsv")
+        print_table(binary, "binary gene tasks (5-fold CV)")
+        if go:
+            res = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
+            write_tsv(res.summary, output / "gene_function_go.tsv")
+            write_tsv(res.terms, output / "gene_function_go_terms.tsv")
+            print_table(res.summary, "GO top-10 terms, multi-label (5-fold CV)")
 
 
 def gene_network(
@@ -136,15 +136,13 @@ def gene_network(
     """Top-k gene neighbours by embedding cosine, and their GO BP / Reactome co-membership."""
 
     set_threads(threads)
-    cfm = load_model(model)
-    try:
+    with run_cli():
         ref = load_benchmark("pbmc4k", data_dir)
+        cfm = load_model(model)
         r = evaluate_gene_network(cfm, data_dir=data_dir, reference=ref, k=k)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err), 2)
-    output.mkdir(parents=True, exist_ok=True)
-    r.neighbours.to_csv(output / f"gene_neighbours_top{k}.tsv", sep="\t", index=False)
-    r.table.to_csv(output / "gene_network_enrichment.tsv", sep="\t", index=False)
+        output.mkdir(parents=True, exist_ok=True)
+        write_tsv(r.neighbours, output / f"gene_neighbours_top{k}.tsv")
+        write_tsv(r.table, output / "gene_network_enrichment.tsv")
     print_table(r.table, f"top-{k} neighbour co-annotation")
 
 

@@ -1,8 +1,8 @@
 """How CLI commands talk to the terminal: one-line errors and warnings, CLI wording, Ctrl-C.
 
 `run_cli()` wraps a command body: API errors name CLI flags (`cellfm.wording`) and end the command
-with one `error: ...` line, exit 2 for a bad argument (`UsageError`, or a path named by the user
-that does not exist) and 1 for bad data or models (`API_ERRORS`); `fail(...)` does the same for
+with one `error: ...` line, exit 2 for a bad argument (`BAD_ARGUMENTS`: `UsageError`, a named path
+that is missing or taken) and 1 for bad data or models (`API_ERRORS`); `fail(...)` does the same for
 the CLI's own checks; Ctrl-C ends it with one line and exit 130. No traceback reaches the user.
 `one_line_warnings` prints Python warnings as `warning: ...` without source paths.
 """
@@ -22,6 +22,8 @@ from cellfm.wording import UsageError, cli_wording
 
 # what the API raises for bad input, a bad model or a missing optional extra (not for our bugs)
 API_ERRORS = (OSError, ValueError, KeyError, ImportError)
+# of those, the ones that mean a bad argument: a bad value, a named path that is missing or taken
+BAD_ARGUMENTS = (UsageError, FileNotFoundError, FileExistsError, IsADirectoryError)
 
 
 class Failure(Exception):
@@ -57,7 +59,7 @@ def run_cli() -> Iterator[Console]:
         raise typer.Exit(err.code) from None
     except API_ERRORS as err:
         console.print(f"[bold red]error:[/] {escape(first_line(err))}")
-        raise typer.Exit(2 if isinstance(err, (UsageError, FileNotFoundError)) else 1) from None
+        raise typer.Exit(2 if isinstance(err, BAD_ARGUMENTS) else 1) from None
     except KeyboardInterrupt:
         console.print("[bold red]error:[/] interrupted (Ctrl-C) before any output was written")
         raise typer.Exit(130) from None

@@ -24,6 +24,7 @@ from cellfm.evaluation.baselines import random_gene_embeddings
 from cellfm.evaluation.gene_labels import annotation_sets, load_gmt, load_go_annotations
 from cellfm.tasks.gene_function import vocab_symbols_of
 from cellfm.tokenizer import lognorm
+from cellfm.wording import UsageError, arg
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -157,6 +158,8 @@ def evaluate_gene_network(
     """
     from tqdm.auto import tqdm
 
+    if k < 1:
+        raise UsageError(f"{arg('k', k)}: give at least 1 neighbour per gene")
     emb = get_gene_embeddings(model)
     emb = emb[~emb.index.duplicated()]
     go = load_go_annotations(data_dir, "BP")
