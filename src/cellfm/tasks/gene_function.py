@@ -28,6 +28,7 @@ import pandas as pd
 from cellfm.embedding.memory import get_gene_embeddings
 from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
 from cellfm.evaluation.gene_labels import load_geneformer_tasks, load_go_annotations, load_go_term_names
+from cellfm.progress import progress_bar
 from cellfm.vocab import map_genes
 
 if TYPE_CHECKING:
@@ -159,8 +160,6 @@ def evaluate_binary_tasks(
     `tasks`: Geneformer task names (default: all in the label file; the paper's three are
     `PAPER_BINARY_TASKS`).
     """
-    from tqdm.auto import tqdm
-
     raw = load_geneformer_tasks(data_dir)
     if tasks is not None:
         unknown = sorted(set(tasks) - set(raw["task"]))
@@ -170,7 +169,10 @@ def evaluate_binary_tasks(
     mapped = geneformer_task_genes(raw, model)
     feats = gene_features(sorted(set(mapped["vocab_symbol"])), model, reference, seed)
     rows = []
-    for task, sub in tqdm(mapped.groupby("task"), desc="gene function (binary)", disable=not progress):
+    groups = list(mapped.groupby("task"))
+    bar = progress_bar(len(groups), "gene function (binary)", unit="task", enabled=progress)
+    for task, sub in groups:
+        bar.update(1)
         sub = sub.drop_duplicates("vocab_symbol", keep=False)  # genes in both classes are ambiguous
         classes = sorted(sub["label"].unique())
         if len(classes) != 2 or sub["label"].value_counts().min() < n_folds:
@@ -192,6 +194,7 @@ def evaluate_binary_tasks(
                     "n_unmapped": int((raw["task"] == task).sum() - len(sub)),
                 }
             )
+    bar.close()
     return pd.DataFrame(rows)
 
 
@@ -228,14 +231,14 @@ def evaluate_go_terms(
     keeps all) to bound the run time.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from tqdm.auto import tqdm
-
     go_all = load_go_annotations(data_dir, propagated=False)
     names = load_go_term_names(data_dir)
     vocab = set(model.vocab.genes)
     rng = np.random.default_rng(seed)
     summary, per_term = [], []
-    for ont in tqdm(ontologies, desc="gene function (GO)", disable=not progress):
+    bar = progress_bar(len(ontologies), "gene function (GO)", unit="ontology", enabled=progress)
+    for ont in ontologies:
+        bar.update(1)
         go = go_all[(go_all["ontology"] == ont) & go_all["symbol"].isin(vocab)]
         terms = go_top_terms(go, vocab, n_terms)
         go = go[go["go_id"].isin(terms)]
@@ -267,4 +270,5 @@ def evaluate_go_terms(
                         "n_positive": int(Y[:, t].sum()),
                     }
                 )
+    bar.close()
     return GoTermScores(pd.DataFrame(summary), pd.DataFrame(per_term))

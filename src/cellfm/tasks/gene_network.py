@@ -22,6 +22,7 @@ import scipy.sparse as sp
 from cellfm.embedding.memory import get_gene_embeddings
 from cellfm.evaluation.baselines import random_gene_embeddings
 from cellfm.evaluation.gene_labels import annotation_sets, load_gmt, load_go_annotations
+from cellfm.progress import progress_bar
 from cellfm.tasks.gene_function import vocab_symbols_of
 from cellfm.tokenizer import lognorm
 from cellfm.wording import UsageError, arg
@@ -156,8 +157,6 @@ def evaluate_gene_network(
     vocabulary genes annotated in GO BP (and, with a reference, detected in >= `min_detection` of
     its cells, so that co-expression is defined).
     """
-    from tqdm.auto import tqdm
-
     if k < 1:
         raise UsageError(f"{arg('k', k)}: give at least 1 neighbour per gene")
     emb = get_gene_embeddings(model)
@@ -183,7 +182,9 @@ def evaluate_gene_network(
         features["co-expression"] = coexpression_features(ref, genes.tolist())
     features["random"] = random_gene_embeddings(genes, emb.shape[1], seed=seed)
     rows, neighbours = [], None
-    for method, F in tqdm(features.items(), desc="gene network", disable=not progress):
+    bar = progress_bar(len(features), "gene network", unit="method", enabled=progress)
+    for method, F in features.items():
+        bar.update(1)
         if method == "CellFM":
             neighbours = gene_neighbours(emb.loc[genes], k)
         for source, sets in annotations.items():
@@ -191,4 +192,5 @@ def evaluate_gene_network(
             sub_idx, _ = cosine_neighbours(F.to_numpy(dtype=np.float32)[annotated], k)
             res = coannotation_enrichment(sub_idx, genes[annotated], sets, seed=seed)
             rows.append({"method": method, "annotation": source, "n_genes": len(annotated), **asdict(res)})
+    bar.close()
     return GeneNetworkResult(pd.DataFrame(rows), neighbours, len(genes))
