@@ -542,9 +542,21 @@ def test_cli_integrate_on_a_users_file(pbmc3k, tmp_path):
     logged = cells.copy()
     logged.X = lognorm(logged.X)
     logged.write_h5ad(tmp_path / "log.h5ad")
+    nan = cells.copy()
+    nan.X = nan.X.astype(np.float32)
+    nan.X[0, nan.X[0].indices[0]] = np.nan
+    nan.write_h5ad(tmp_path / "nan.h5ad")
+    dup = cells.copy()
+    dup.var_names = [dup.var_names[0], *dup.var_names[:-1]]
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    before = {f: (tmp_path / f).read_bytes() for f in ("mine.h5ad", "log.h5ad", "nan.h5ad", "dup.h5ad")}
+    keys = ["--batch-key", "donor", "--label-key", "classified"]
     for extra, code, message in [
-        (["--input", str(tmp_path / "log.h5ad"), "--batch-key", "donor", "--label-key", "classified"], 1,
-         "--allow-non-integer|log"),
+        (["--input", str(tmp_path / "log.h5ad"), *keys], 1, "--allow-non-integer|log"),
+        (["--input", str(tmp_path / "nan.h5ad"), *keys], 1, "NaN or infinite"),
+        (["--input", str(tmp_path / "dup.h5ad"), *keys], 1, "more than once.*--gene-key COLUMN"),
+        (["--input", str(tmp_path / "mine.h5ad"), *keys, "--layer", "nope"], 1, "--layer nope is not"),
+        (["--input", str(tmp_path / "mine.h5ad"), *keys, "--device", "gpu"], 2, "--device gpu"),
         (["--input", str(tmp_path / "mine.h5ad")], 2, "--batch-key COLUMN"),
         (["--input", str(tmp_path / "none.h5ad"), "--batch-key", "donor", "--label-key", "classified"], 2,
          "does not exist"),
@@ -555,6 +567,7 @@ def test_cli_integrate_on_a_users_file(pbmc3k, tmp_path):
         errors = [line for line in res.output.splitlines() if line.startswith("error:")]
         assert res.exit_code == code and len(errors) == 1, res.output
         assert re.search(message, errors[0]) and "Traceback" not in res.output, res.output
+    assert before == {f: (tmp_path / f).read_bytes() for f in before}  # inputs only read
 
 
 def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):

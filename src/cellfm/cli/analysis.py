@@ -49,6 +49,9 @@ def integrate(
         "with --input; unlabelled cells are embedded but not scored).")] = None,
     layer: Annotated[str | None, typer.Option(metavar="NAME", help="Read counts from this layer.")] = None,
     gene_key: Annotated[str | None, typer.Option(metavar="COLUMN", help="var column of gene names.")] = None,
+    use_raw: Annotated[bool, typer.Option("--use-raw", help="Read counts (and genes) from .raw.")] = False,
+    allow_non_integer: Annotated[bool, typer.Option(
+        "--allow-non-integer", help="Accept ambient-corrected counts that are not whole numbers.")] = False,
     data_dir: DataDirOpt = None,
     max_cells_per_batch: Annotated[int | None, typer.Option(help="Subsample each benchmark batch.")] = None,
     finetune_epochs: Annotated[
@@ -85,7 +88,8 @@ def integrate(
             adata = read_cells(input)
         cfm = load_model(model)
         r = evaluate_integration(adata, cfm, batch_key=batch_key, label_key=label_key, layer=layer,
-                                 gene_key=gene_key, config=cfg, device=device)
+                                 use_raw=use_raw, gene_key=gene_key, allow_non_integer=allow_non_integer,
+                                 config=cfg, device=device)
         output.mkdir(parents=True, exist_ok=True)
         write_tsv(r.table, output / "integration_scores.tsv")
         write_text(output / "integration_methods.txt", r.describe() + "\n")
