@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from cellfm.evaluation.cell_identity import evaluate_cell_identity, identity_markdown, identity_targets
-from cellfm.evaluation.data import BENCHMARKS, benchmark_path, load_benchmark
+from cellfm.evaluation.data import BENCHMARKS, load_benchmark
 from cellfm.evaluation.markdown import figure_link, markdown_table
 from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 from cellfm.evaluation.plots import confusion_matrix_plot, embedding_maps, grouped_bars
@@ -172,7 +172,7 @@ def perturbation_section(ctx: RunContext) -> SectionResult:
     cells = 40 if quick else 200  # GEARS on a CPU: minutes per split at 200 cells per condition
     cfg = GearsConfig(epochs=2 if quick else GearsConfig.epochs, max_cells_per_condition=cells)
     seeds = (seed + 1,) if quick else (seed + 1, seed + 2, seed + 3)
-    go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
+    go_dir = data_dir / "go_annotations_org_hs_eg_db"
     r = evaluate_perturbation_gears(adata, model, go_dir, seeds=seeds, config=cfg,
                                     log=print if progress else (lambda *_: None))
     table = r["table"]
