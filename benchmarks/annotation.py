@@ -58,8 +58,8 @@ def cost(adata, label_key: str, model, batch_size: int) -> list[dict]:
 
 def main() -> None:
     import cellfm
+    from cellfm.evaluation.data import BENCHMARKS, load_benchmark
     from cellfm.tasks.annotation_eval import evaluate_annotation
-    from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="pbmc3k", choices=[k for k, v in BENCHMARKS.items() if v.label_key])

@@ -21,7 +21,7 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def main() -> None:
     import cellfm
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
     from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
     from cellfm.tasks.perturbation_gears import GearsConfig
 

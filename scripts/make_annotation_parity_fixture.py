@@ -1,7 +1,7 @@
 """Regenerate tests/fixtures/parity/annotation_*.npz: the OFFICIAL annotation model beside ours.
 
     # 1. ours: random weights of encoder + head, real pbmc3k cells tokenized by our pipeline
-    PYTHONPATH=src python scripts/make_annotation_parity_fixture.py prepare
+    CELLFM_DATA_DIR=../shared/data PYTHONPATH=src python scripts/make_annotation_parity_fixture.py prepare
     # 2. official: a throw-away extract of github.com/biomed-AI/CellFM (never committed here), e.g.
     #    git -C <mirror> show HEAD:<f> > /tmp/ann_official/<f> for model.py retention.py attention.py
     #    lora.py loss_function.py config.py utils.py metrics.py data_process.py
@@ -46,9 +46,9 @@ def prepare() -> None:
     import torch
 
     from cellfm.config import ModelConfig
+    from cellfm.evaluation.data import load_benchmark
     from cellfm.model import CellFMModule
     from cellfm.model.cell_type_head import CellTypeHead
-    from cellfm.tasks.benchmark_data import load_benchmark
     from cellfm.tokenizer import iter_token_batches
     from cellfm.vocab import load_vocabulary, map_genes
 

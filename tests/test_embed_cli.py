@@ -151,3 +151,24 @@ def test_version_and_help_have_no_placeholders():
     text = runner.invoke(main_app, ["embed", "--help"]).output
     for flag in ("--threads", "--overwrite", "--empty", "--allow-non-integer", "--obsm-only"):
         assert flag in text
+
+
+def test_embed_file_checks_paths_in_the_words_of_the_caller(model_dir, cells, tmp_path):
+    """The path checks live in the API (the CLI only calls them): Python callers read argument
+    names, CLI users read flags, and nothing is written."""
+    from cellfm.embedding.stream import embed_file
+    from cellfm.wording import UsageError
+
+    src = cells
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        embed_file(tmp_path / "none.h5ad", model_dir, tmp_path / "o.h5ad")
+    with pytest.raises(UsageError, match="must differ from the input"):
+        embed_file(src, model_dir, src, overwrite=True)
+    with pytest.raises(UsageError, match=r"pass obsm_only=True for \.parquet"):
+        embed_file(src, model_dir, tmp_path / "o.parquet")
+    (tmp_path / "taken.h5ad").write_text("mine")
+    with pytest.raises(FileExistsError, match="pass overwrite=True"):
+        embed_file(src, model_dir, tmp_path / "taken.h5ad")
+    r = runner.invoke(app, [str(src), "-o", str(tmp_path / "o.parquet"), "--model", str(model_dir)])
+    assert r.exit_code == 2 and "pass --obsm-only for .parquet" in r.output
+    assert (tmp_path / "taken.h5ad").read_text() == "mine" and not (tmp_path / "o.parquet").exists()

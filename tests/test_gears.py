@@ -78,7 +78,7 @@ def test_linear_baseline_recovers_a_planted_linear_model():
 def pert_data(shared_data, tmp_path_factory, gene2go):
     """GEARS PertData on 25 real cells per condition, built with every socket refused."""
     pytest.importorskip("gears", reason="GEARS not installed: pip install 'cellfm[gears]'")
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
     from cellfm.tasks.perturbation import read_screen
     from cellfm.tasks.perturbation_gears import gears_input, prepare_pert_data
 
@@ -219,7 +219,7 @@ def test_cli_perturb_refuses_bad_method(tmp_path):
 
 
 def test_cli_perturb_own_screen_names_the_flags(shared_data, tmp_path):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     screen = load_benchmark("papalexi", shared_data)[:200].copy()
     screen.obs = screen.obs.rename(columns={"condition": "guide_target"})

@@ -115,7 +115,7 @@ def test_cell_identity_task_scores_cellfm_beside_pca_and_random_init(shared_data
     """The identity table of the report / benchmark: one row per embedding, PCA of real counts
     separates the sorted pbmc68k populations better than an untrained tiny model."""
     import cellfm
-    from cellfm.tasks.cell_identity import evaluate_cell_identity, identity_targets
+    from cellfm.evaluation.cell_identity import evaluate_cell_identity, identity_targets
 
     torch.manual_seed(1)
     model = cellfm.CellFM(get_preset("tiny"))

@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_hex  # noqa: E402
 
 from cellfm.datasets import pbmc_example  # noqa: E402
-from cellfm.tasks import report_plots  # noqa: E402
+from cellfm.evaluation import plots as report_plots  # noqa: E402
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_confusion_matrix_title_says_row_normalised_and_n(figures, pbmc, tmp_pat
 
 
 def test_report_names_the_plots_extra_without_matplotlib(monkeypatch, tmp_path):
-    from cellfm.tasks.report_sections import figure_link
+    from cellfm.evaluation.markdown import figure_link
 
     monkeypatch.setattr(report_plots, "_plt", lambda: None)
     assert report_plots.grouped_bars(pd.DataFrame({"g": ["a"], "m": ["x"], "v": [1.0]}), "g", "m", "v",

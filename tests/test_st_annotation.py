@@ -19,7 +19,7 @@ LABEL = "classified"
 
 @pytest.fixture(scope="module")
 def ref(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     adata = load_benchmark("pbmc3k", shared_data)
     rng = np.random.default_rng(0)

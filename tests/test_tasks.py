@@ -8,6 +8,7 @@ model-vs-baseline numbers are in the evaluation report, not asserted here.
 from __future__ import annotations
 
 import importlib.util
+import re
 import warnings
 
 import numpy as np
@@ -16,11 +17,11 @@ import pytest
 import torch
 
 import cellfm
+from cellfm.extras import installed_version
 from cellfm.model.cell_type_head import CellTypeHead
 from cellfm.tasks import annotation_head, integration_metrics
 from cellfm.tasks.annotation import CellTypeAnnotator
 from cellfm.tasks.annotation_data import trainable_copy as _trainable_copy
-from cellfm.tasks.baselines import installed_version
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -45,14 +46,14 @@ def _slice(adata, key, n, seed=0):
 
 @pytest.fixture(scope="module")
 def pbmc3k(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("pbmc3k", shared_data)
 
 
 @pytest.fixture(scope="module")
 def pbmc4k(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("pbmc4k", shared_data)
 
@@ -261,7 +262,7 @@ def test_hvg_pca_is_scanpys_recipe_and_applies_to_new_cells(pbmc4k):
     import anndata as ad
     import scanpy as sc
 
-    from cellfm.tasks.baselines import HvgPca
+    from cellfm.evaluation.baselines import HvgPca
 
     cells = _slice(pbmc4k, None, 300)
     hp = HvgPca(n_hvg=500, n_pcs=20).fit(cells.X)
@@ -282,23 +283,33 @@ def test_hvg_pca_is_scanpys_recipe_and_applies_to_new_cells(pbmc4k):
 
 
 def test_integration_on_real_pbmc_batches(shared_data, tiny):
-    from cellfm.tasks.integration import build_pbmc_batches, coarse_labels, describe_run, evaluate_integration
+    from cellfm.evaluation.pbmc_batches import build_pbmc_batches, coarse_labels
+    from cellfm.tasks.integration import IntegrationConfig, IntegrationResult, evaluate_integration
 
     adata = build_pbmc_batches(shared_data, max_cells_per_batch=150)
     assert set(adata.obs["batch"]) == {"pbmc4k", "pbmc3k", "celltypist"}
     assert adata.obs.loc[adata.obs["batch"] == "celltypist", "coarse_type"].isna().all()
     assert coarse_labels(pd.Series(["Naive CD4 T", "T_CD4", "MNP"])).tolist() == ["CD4 T", "CD4 T", "Myeloid"]
-    r = evaluate_integration(adata, tiny, progress=False, harmony=False, scvi_epochs=0, scorer="approximate")
-    t = r["table"].set_index("method")
+    before = (list(adata.obsm), list(adata.obs.columns), list(adata.uns), adata.X.copy())
+    cfg = IntegrationConfig(harmony=False, scvi_epochs=0, scorer="approximate")
+    r = evaluate_integration(adata, tiny, config=cfg, progress=False)
+    assert isinstance(r, IntegrationResult)
+    t = r.table.set_index("method")
     assert list(t.index) == ["CellFM (zero-shot)", "HVG+PCA"]
     assert t.to_numpy().min() >= -1e-6 and t.to_numpy().max() <= 1 + 1e-6
     assert t.loc["HVG+PCA", "KMeans NMI"] > 0.3  # real cell types separate in PCA
-    assert r["n_scored"] == (adata.obs["coarse_type"].notna()).sum() < adata.n_obs
-    assert adata.obsm["X_pca"].shape == (adata.n_obs, 50)
-    text = describe_run(r)
+    assert r.n_scored == (adata.obs["coarse_type"].notna()).sum() < adata.n_obs
+    assert r.embeddings["HVG+PCA"].shape == (adata.n_obs, 50)
+    assert r.embeddings["CellFM (zero-shot)"].shape == (adata.n_obs, tiny.config.d_model)
+    # the caller's AnnData is only read
+    assert (list(adata.obsm), list(adata.obs.columns), list(adata.uns)) == before[:3]
+    assert (adata.X != before[3]).nnz == 0
+    text = r.describe()
     assert "approximate, scib-metrics not installed" in text and "HVG+PCA: " in text
     with pytest.raises(KeyError, match="no column 'donor'"):
         evaluate_integration(adata, tiny, batch_key="donor")
+    with pytest.raises(ValueError, match="scvi_epochs=-1"):
+        IntegrationConfig(scvi_epochs=-1)
 
 
 @pytest.mark.slow  # about 30 s: importing scvi-tools / lightning dominates
@@ -307,8 +318,8 @@ def test_integration_on_real_pbmc_batches(shared_data, tiny):
     reason="harmonypy / scvi-tools not installed ([eval] extra)",
 )
 def test_harmony_and_scvi_baselines_mix_real_batches(shared_data):
-    from cellfm.tasks.integration import build_pbmc_batches
-    from cellfm.tasks.integration_baselines import integration_baselines
+    from cellfm.evaluation.integration_baselines import integration_baselines
+    from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 
     adata = build_pbmc_batches(shared_data, datasets=("pbmc4k", "pbmc3k"), max_cells_per_batch=200)
     run = integration_baselines(adata, "batch", scvi_epochs=3, progress=False)
@@ -325,7 +336,7 @@ def test_harmony_and_scvi_baselines_mix_real_batches(shared_data):
 # ---- perturbation -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def papalexi(shared_data):
-    from cellfm.tasks.benchmark_data import load_benchmark
+    from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("papalexi", shared_data)
 
@@ -387,18 +398,18 @@ def test_multilabel_metrics_are_the_tutorials():
 
 
 def test_go_top10_terms_multilabel(shared_data, tiny):
+    from cellfm.evaluation.gene_labels import load_go_annotations
     from cellfm.tasks.gene_function import evaluate_go_terms, go_top_terms
-    from cellfm.tasks.gene_labels import load_go_annotations
 
     go = load_go_annotations(shared_data, "MF", propagated=False)
     top = go_top_terms(go, set(tiny.vocab.genes), 3)
     assert top[0] == "GO:0005515" and "GO:0003674" not in top  # protein binding; the root is excluded
     r = evaluate_go_terms(tiny, data_dir=shared_data, ontologies=("MF",), n_terms=3, max_genes=400,
                           n_folds=3, progress=False)
-    s = r["summary"].set_index("method")
+    s = r.summary.set_index("method")
     assert set(s.index) == {"CellFM", "random"} and (s["n_terms"] == 3).all() and (s["n_genes"] == 400).all()
     assert s[["aupr", "fmax", "auroc"]].stack().between(0, 1).all()
-    assert set(r["terms"]["go_id"]) == set(top) and (r["terms"]["n_positive"] > 0).all()
+    assert set(r.terms["go_id"]) == set(top) and (r.terms["n_positive"] > 0).all()
     # every gene carries at least one of the terms, and protein binding most of them
     assert s["label_density"].iloc[0] >= 1 / 3
 
@@ -414,20 +425,23 @@ def test_neighbour_enrichment_detects_planted_modules():
     idx, sim = cosine_neighbours(planted, 5)
     assert (idx != np.arange(300)[:, None]).all() and (np.diff(sim, axis=1) <= 1e-6).all()
     res = coannotation_enrichment(idx, genes, sets, n_permutations=20)
-    assert res["fold_enrichment"] > 5 and res["p_permutation"] < 0.1
+    assert res.fold_enrichment > 5 and res.p_permutation < 0.1
     noise, _ = cosine_neighbours(rng.normal(size=(300, 16)), 5)
-    assert coannotation_enrichment(noise, genes, sets, n_permutations=5)["fold_enrichment"] < 2
+    assert coannotation_enrichment(noise, genes, sets, n_permutations=5).fold_enrichment < 2
     table = gene_neighbours(pd.DataFrame(planted, index=genes), k=3)
     assert len(table) == 900 and table.iloc[0]["rank"] == 1
 
 
 # ---- report and CLI ------------------------------------------------------------------------
-def test_report_writes_markdown(shared_data, tiny, tmp_path):
-    from cellfm.tasks.report import run_evaluation
+def test_report_writes_markdown(shared_data, tiny, tmp_path, monkeypatch):
+    from cellfm.evaluation.report import run_evaluation
+    from cellfm.evaluation.results import EvaluationConfig, EvaluationReport
 
-    path = run_evaluation(tiny, tmp_path, data_dir=shared_data, tasks=("perturbation",), quick=True,
-                          progress=False)
-    text = path.read_text()
+    cfg = EvaluationConfig(tasks=("perturbation",), quick=True, progress=False)
+    report = run_evaluation(tiny, tmp_path, data_dir=shared_data, config=cfg)
+    assert isinstance(report, EvaluationReport) and not report.failed
+    assert list(report.sections) == ["Perturbation effect prediction"] and len(report.summary) == 1
+    text = report.path.read_text()
     assert "Failed" not in text and "## Summary" in text
     if importlib.util.find_spec("gears") is not None:  # GEARS beside its baselines
         assert "| GEARS + CellFM gene tokens |" in text and "| mean of training perturbations |" in text
@@ -435,9 +449,12 @@ def test_report_writes_markdown(shared_data, tiny, tmp_path):
     else:
         assert "GEARS did not run" in text and "| mean of training effects |" in text
         assert "| perturbation | Pearson, top-20 DE genes |" in text
-    assert (tmp_path / "results.json").is_file()
+    assert report.results_path.is_file()
     with pytest.raises(ValueError, match="unknown tasks"):
-        run_evaluation(tiny, tmp_path, tasks=("dance",))
+        EvaluationConfig(tasks=("dance",))
+    monkeypatch.delenv("CELLFM_DATA_DIR", raising=False)  # no folder given: the error says how to give one
+    with pytest.raises(ValueError, match="data_dir=<folder> or set CELLFM_DATA_DIR"):
+        run_evaluation(tiny, tmp_path, config=cfg)
 
 
 def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
@@ -499,6 +516,58 @@ def test_cli_integrate_and_gene_function_without_extras(shared_data, tmp_path):
     assert set(binary["task"]) == {"dosage_sensitive_vs_insensitive_tf", "bivalent_vs_no_methyl",
                                    "bivalent_vs_lys4_only"}
     assert {"accuracy", "auroc"} <= set(binary.columns)
+
+
+def test_cli_integrate_on_a_users_file(pbmc3k, tmp_path):
+    """`--input FILE --batch-key K --label-key L` goes through the input contract: the user's own
+    file is scored, and a file of log-normalised values ends with one error line, exit 1."""
+    from typer.testing import CliRunner
+
+    from cellfm.cli import _register, app
+    from cellfm.tokenizer import lognorm
+
+    _register()
+    cells = _slice(pbmc3k, "classified", 120)
+    cells.obs["donor"] = np.where(np.arange(cells.n_obs) % 2, "a", "b")
+    cells.write_h5ad(tmp_path / "mine.h5ad")
+    base = ["integrate", "-o", str(tmp_path / "out"), "--model", "preset:tiny", "--scvi-epochs", "0",
+            "--no-harmony", "--threads", "1", "--device", "cpu"]
+    runner = CliRunner()
+    res = runner.invoke(app, [*base, "--input", str(tmp_path / "mine.h5ad"), "--batch-key", "donor",
+                              "--label-key", "classified"])
+    assert res.exit_code == 0, res.output
+    scores = pd.read_csv(tmp_path / "out" / "integration_scores.tsv", sep="\t")
+    assert scores["method"].tolist() == ["CellFM (zero-shot)", "HVG+PCA"]
+    assert f"on {cells.n_obs} labelled cells" in res.output
+    logged = cells.copy()
+    logged.X = lognorm(logged.X)
+    logged.write_h5ad(tmp_path / "log.h5ad")
+    nan = cells.copy()
+    nan.X = nan.X.astype(np.float32)
+    nan.X[0, nan.X[0].indices[0]] = np.nan
+    nan.write_h5ad(tmp_path / "nan.h5ad")
+    dup = cells.copy()
+    dup.var_names = [dup.var_names[0], *dup.var_names[:-1]]
+    dup.write_h5ad(tmp_path / "dup.h5ad")
+    before = {f: (tmp_path / f).read_bytes() for f in ("mine.h5ad", "log.h5ad", "nan.h5ad", "dup.h5ad")}
+    keys = ["--batch-key", "donor", "--label-key", "classified"]
+    for extra, code, message in [
+        (["--input", str(tmp_path / "log.h5ad"), *keys], 1, "--allow-non-integer|log"),
+        (["--input", str(tmp_path / "nan.h5ad"), *keys], 1, "NaN or infinite"),
+        (["--input", str(tmp_path / "dup.h5ad"), *keys], 1, "more than once.*--gene-key COLUMN"),
+        (["--input", str(tmp_path / "mine.h5ad"), *keys, "--layer", "nope"], 1, "--layer nope is not"),
+        (["--input", str(tmp_path / "mine.h5ad"), *keys, "--device", "gpu"], 2, "--device gpu"),
+        (["--input", str(tmp_path / "mine.h5ad")], 2, "--batch-key COLUMN"),
+        (["--input", str(tmp_path / "none.h5ad"), "--batch-key", "donor", "--label-key", "classified"], 2,
+         "does not exist"),
+        (["--input", str(tmp_path / "mine.h5ad"), "--batch-key", "plate", "--label-key", "classified"], 1,
+         "no column 'plate'"),
+    ]:
+        res = runner.invoke(app, [*base, *extra])
+        errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+        assert res.exit_code == code and len(errors) == 1, res.output
+        assert re.search(message, errors[0]) and "Traceback" not in res.output, res.output
+    assert before == {f: (tmp_path / f).read_bytes() for f in before}  # inputs only read
 
 
 def test_integration_fine_tune_changes_a_copy(pbmc3k, tiny):

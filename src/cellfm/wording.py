@@ -45,3 +45,8 @@ def arg(name: str, value: object = _NO_VALUE, *, placeholder: str | None = None)
     if placeholder is not None:
         return f"{name}=<{placeholder}>"
     return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+class UsageError(ValueError):
+    """A bad argument (a value the caller chose), as opposed to bad data or a bad model: the CLI
+    reports it with exit code 2, like a bad flag."""

@@ -1,8 +1,7 @@
 """The `cellfm` command line: a thin typer layer over the Python API.
 
-Each command group lives in its own module; heavy imports (torch, anndata) happen inside the
-command functions so that `cellfm --help` starts fast. Help is plain text: option names, a
-metavar where a value is expected, no `<bool>` / `{input}` type placeholders.
+Each command group lives in its own module and is mounted here by `_register`. Help is plain
+text: option names, a metavar where a value is expected, no `<bool>` / `{input}` type placeholders.
 """
 
 from __future__ import annotations
@@ -11,6 +10,12 @@ import re
 
 import typer
 from typer.core import TyperCommand
+
+from cellfm import __version__
+from cellfm.cellfm import PRETRAINED_DIR
+from cellfm.cli import analysis, annotate, convert, corpus, demo, download, embed, perturb, pretrain
+from cellfm.cli.console import make_console, one_line_warnings
+from cellfm.config import PRESETS
 
 _TYPE_WORDS = {"path": "PATH", "str": "TEXT", "int": "N", "float": "X", "bool": ""}
 
@@ -32,8 +37,6 @@ class Command(TyperCommand):
 
 def _version(value: bool) -> None:
     if value:
-        from cellfm import __version__
-
         typer.echo(f"cellfm {__version__}")
         raise typer.Exit()
 
@@ -58,10 +61,6 @@ def _root(
 @app.command(cls=Command)
 def info() -> None:
     """Show the version, the presets and the built-in models."""
-    from cellfm import __version__
-    from cellfm.cellfm import PRETRAINED_DIR
-    from cellfm.config import PRESETS
-
     typer.echo(f"cellfm {__version__}")
     for name, preset in PRESETS.items():
         c = preset.config
@@ -83,40 +82,25 @@ def _plain(sub: typer.Typer) -> typer.Typer:
 
 
 def _register() -> None:
-    """Mount the command groups present in this build (idempotent)."""
-    import importlib
-
+    """Mount the command groups (idempotent)."""
     global _registered
     if _registered:
         return
     _registered = True
-
-    def module(name: str):
-        try:
-            return importlib.import_module(f"cellfm.cli.{name}")
-        except ModuleNotFoundError as err:  # a command group not installed in this build
-            if err.name != f"cellfm.cli.{name}":
-                raise
-            return None
-
-    for name in ("demo", "embed", "convert", "download", "pretrain"):
-        if (m := module(name)) is not None:
-            app.command(name, cls=Command)(getattr(m, name))
-    if (m := module("corpus")) is not None:
-        app.add_typer(_plain(m.app), name="corpus", help="Build and inspect pretraining corpora.")
-    if (m := module("annotate")) is not None:
-        app.add_typer(_plain(m.app), name="annotate", help="Cell type annotation.")
-    if (m := module("perturb")) is not None:
-        app.command("perturb", cls=Command)(m.perturb)
-    if (m := module("analysis")) is not None:
-        for name in ("integrate", "gene_function", "gene_network", "evaluate"):
-            app.command(name.replace("_", "-"), cls=Command)(getattr(m, name))
+    app.command("demo", cls=Command)(demo.demo)
+    app.command("embed", cls=Command)(embed.embed)
+    app.command("convert", cls=Command)(convert.convert)
+    app.command("download", cls=Command)(download.download)
+    app.command("pretrain", cls=Command)(pretrain.pretrain)
+    app.add_typer(_plain(corpus.app), name="corpus", help="Build and inspect pretraining corpora.")
+    app.add_typer(_plain(annotate.app), name="annotate", help="Cell type annotation.")
+    app.command("perturb", cls=Command)(perturb.perturb)
+    for name in ("integrate", "gene_function", "gene_network", "evaluate"):
+        app.command(name.replace("_", "-"), cls=Command)(getattr(analysis, name))
 
 
 def main() -> None:
     """Entry point: every command prints Python warnings as one `warning: ...` line."""
-    from cellfm.cli.console import make_console, one_line_warnings
-
     _register()
     with one_line_warnings(make_console()):
         app()

@@ -1,5 +1,7 @@
 """`cellfm integrate`, `gene-function`, `gene-network`, `evaluate`: the analysis commands over
-`cellfm.tasks` and the evaluation report."""
+`cellfm.tasks` and the evaluation report (`cellfm.evaluation`). Each parses its flags, calls the
+API under `run_cli` (one `error:` line, exit 2 / 1) and prints; `--model` is required and the
+model used is printed."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import typer
 
 from cellfm.cli.common import (
     DataDirOpt,
+    DeviceOpt,
     ModelOpt,
     ThreadsOpt,
     load_model,
@@ -17,15 +20,40 @@ from cellfm.cli.common import (
     set_threads,
     write_tsv,
 )
-from cellfm.cli.console import fail
+from cellfm.cli.console import fail, run_cli
+from cellfm.evaluation.data import load_benchmark
+from cellfm.evaluation.pbmc_batches import build_pbmc_batches
+from cellfm.evaluation.plots import embedding_maps
+from cellfm.evaluation.report import run_evaluation
+from cellfm.evaluation.results import TASKS, EvaluationConfig
+from cellfm.io.read import read_cells
 from cellfm.io.write import write_text
+from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
+from cellfm.tasks.gene_network import evaluate_gene_network
+from cellfm.tasks.integration import IntegrationConfig, evaluate_integration
+from cellfm.tasks.integration_metrics import AGGREGATES
 
 
 def integrate(
     output: Annotated[Path, typer.Option("-o", "--output", help="Output folder (scores TSV, maps PNG).")],
     model: ModelOpt,
+    input: Annotated[
+        Path | None,
+        typer.Option("--input", metavar="FILE", help="Your cells (.h5ad, 10x, loom) with raw counts; "
+                     "default: the PBMC benchmark (three data sets as batches)."),
+    ] = None,
+    batch_key: Annotated[str | None, typer.Option(metavar="COLUMN", help="obs column of the batches "
+                                                   "(required with --input).")] = None,
+    label_key: Annotated[str | None, typer.Option(
+        metavar="COLUMN", help="obs column of the cell types, for the bio-conservation scores (required "
+        "with --input; unlabelled cells are embedded but not scored).")] = None,
+    layer: Annotated[str | None, typer.Option(metavar="NAME", help="Read counts from this layer.")] = None,
+    gene_key: Annotated[str | None, typer.Option(metavar="COLUMN", help="var column of gene names.")] = None,
+    use_raw: Annotated[bool, typer.Option("--use-raw", help="Read counts (and genes) from .raw.")] = False,
+    allow_non_integer: Annotated[bool, typer.Option(
+        "--allow-non-integer", help="Accept ambient-corrected counts that are not whole numbers.")] = False,
     data_dir: DataDirOpt = None,
-    max_cells_per_batch: Annotated[int | None, typer.Option(help="Subsample each batch.")] = None,
+    max_cells_per_batch: Annotated[int | None, typer.Option(help="Subsample each benchmark batch.")] = None,
     finetune_epochs: Annotated[
         int,
         typer.Option(help="Also score after this many epochs of self-supervised integration fine-tuning."),
@@ -38,36 +66,36 @@ def integrate(
     scvi_epochs: Annotated[
         int, typer.Option(help="scVI training epochs when scvi-tools is installed (0: skip scVI).")
     ] = 20,
+    device: DeviceOpt = None,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Batch integration benchmark (PBMC 4k + pbmc3k + celltypist sample; batch = data set).
+    """Batch integration scores of CellFM next to HVG+PCA, Harmony and scVI.
 
-    Scores come from scib-metrics when installed (pip install 'cellfm[eval]'), else from an
-    approximate stand-in, and the output says which.
+    On your cells (--input FILE --batch-key K --label-key L) or on the PBMC benchmark (PBMC 4k +
+    pbmc3k + celltypist sample; batch = data set). Scores come from scib-metrics when installed
+    (pip install 'cellfm[eval]'), else from an approximate stand-in, and the output says which.
     """
-    from cellfm.tasks.integration import build_pbmc_batches, describe_run, evaluate_integration
-    from cellfm.tasks.report_plots import embedding_maps
-
     set_threads(threads)
-    if scvi_epochs < 0:
-        fail(f"--scvi-epochs must be 0 (skip scVI) or more, not {scvi_epochs}", 2)
-    cfm = load_model(model)
-    try:
-        adata = build_pbmc_batches(data_dir, max_cells_per_batch=max_cells_per_batch)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err), 2)
-    r = evaluate_integration(
-        adata, cfm, finetune_epochs=finetune_epochs, harmony=harmony, scvi_epochs=scvi_epochs,
-        st_tokens=st_tokens
-    )
-    output.mkdir(parents=True, exist_ok=True)
-    write_tsv(r["table"], output / "integration_scores.tsv")
-    write_text(output / "integration_methods.txt", describe_run(r) + "\n")
-    embedding_maps(r["embeddings"], adata.obs, ["coarse_type", "batch"], output / "integration_maps.png")
-    from cellfm.tasks.integration_metrics import AGGREGATES
-
-    print_table(r["table"][["method", *AGGREGATES]], f"batch integration ({r['scorer']})")
-    typer.echo(describe_run(r) + f"\nevery metric: {output / 'integration_scores.tsv'}")
+    with run_cli():
+        cfg = IntegrationConfig(finetune_epochs=finetune_epochs, st_tokens=st_tokens, harmony=harmony,
+                                scvi_epochs=scvi_epochs)
+        if input is None:
+            adata = build_pbmc_batches(data_dir, max_cells_per_batch=max_cells_per_batch)
+            batch_key, label_key = "batch", "coarse_type"
+        else:
+            if batch_key is None or label_key is None:
+                fail("--input needs --batch-key COLUMN and --label-key COLUMN", 2)
+            adata = read_cells(input)
+        cfm = load_model(model)
+        r = evaluate_integration(adata, cfm, batch_key=batch_key, label_key=label_key, layer=layer,
+                                 use_raw=use_raw, gene_key=gene_key, allow_non_integer=allow_non_integer,
+                                 config=cfg, device=device)
+        output.mkdir(parents=True, exist_ok=True)
+        write_tsv(r.table, output / "integration_scores.tsv")
+        write_text(output / "integration_methods.txt", r.describe() + "\n")
+        embedding_maps(r.embeddings, r.obs, [label_key, batch_key], output / "integration_maps.png")
+    print_table(r.table[["method", *AGGREGATES]], f"batch integration ({r.scorer})")
+    typer.echo(r.describe() + f"\nevery metric: {output / 'integration_scores.tsv'}")
 
 
 def gene_function(
@@ -85,25 +113,21 @@ def gene_function(
     Geneformer's binary gene tasks (5-fold accuracy and AUROC) and GO BP/MF/CC top-10 terms
     (multi-label, AUPR and AUROC).
     """
-    from cellfm.tasks.benchmark_data import load_benchmark
-    from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
 
     set_threads(threads)
-    cfm = load_model(model)
-    try:
+    with run_cli():
         ref = load_benchmark("pbmc4k", data_dir)
+        cfm = load_model(model)
         chosen = None if all_binary_tasks else list(PAPER_BINARY_TASKS)
         binary = evaluate_binary_tasks(cfm, data_dir=data_dir, reference=ref, tasks=chosen)
-    except FileNotFoundError as err:
-        fail(str(err), 2)
-    output.mkdir(parents=True, exist_ok=True)
-    write_tsv(binary, output / "gene_function_binary.tsv")
-    print_table(binary, "binary gene tasks (5-fold CV)")
-    if go:
-        res = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
-        write_tsv(res["summary"], output / "gene_function_go.tsv")
-        write_tsv(res["terms"], output / "gene_function_go_terms.tsv")
-        print_table(res["summary"], "GO top-10 terms, multi-label (5-fold CV)")
+        output.mkdir(parents=True, exist_ok=True)
+        write_tsv(binary, output / "gene_function_binary.tsv")
+        print_table(binary, "binary gene tasks (5-fold CV)")
+        if go:
+            res = evaluate_go_terms(cfm, data_dir=data_dir, reference=ref)
+            write_tsv(res.summary, output / "gene_function_go.tsv")
+            write_tsv(res.terms, output / "gene_function_go_terms.tsv")
+            print_table(res.summary, "GO top-10 terms, multi-label (5-fold CV)")
 
 
 def gene_network(
@@ -114,20 +138,16 @@ def gene_network(
     threads: ThreadsOpt = None,
 ) -> None:
     """Top-k gene neighbours by embedding cosine, and their GO BP / Reactome co-membership."""
-    from cellfm.tasks.benchmark_data import load_benchmark
-    from cellfm.tasks.gene_network import evaluate_gene_network
 
     set_threads(threads)
-    cfm = load_model(model)
-    try:
+    with run_cli():
         ref = load_benchmark("pbmc4k", data_dir)
+        cfm = load_model(model)
         r = evaluate_gene_network(cfm, data_dir=data_dir, reference=ref, k=k)
-    except (FileNotFoundError, ValueError) as err:
-        fail(str(err), 2)
-    output.mkdir(parents=True, exist_ok=True)
-    r["neighbours"].to_csv(output / f"gene_neighbours_top{k}.tsv", sep="\t", index=False)
-    r["table"].to_csv(output / "gene_network_enrichment.tsv", sep="\t", index=False)
-    print_table(r["table"], f"top-{k} neighbour co-annotation")
+        output.mkdir(parents=True, exist_ok=True)
+        write_tsv(r.neighbours, output / f"gene_neighbours_top{k}.tsv")
+        write_tsv(r.table, output / "gene_network_enrichment.tsv")
+    print_table(r.table, f"top-{k} neighbour co-annotation")
 
 
 def evaluate(
@@ -147,15 +167,13 @@ def evaluate(
     threads: ThreadsOpt = None,
 ) -> None:
     """Run every downstream task on the real data and write a Markdown report."""
-    from cellfm.tasks.report import TASKS, run_evaluation
-
     set_threads(threads)
-    chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
-    bad = sorted(set(chosen) - set(TASKS))
-    if bad:
-        fail(f"unknown tasks {bad}; choose from {', '.join(TASKS)}", 2)
-    cfm = load_model(model)
-    path = run_evaluation(
-        cfm, output, data_dir=data_dir, tasks=chosen, annotation_mode=mode, quick=quick, model_name=model
-    )
-    typer.echo(f"report written to {path}")
+    with run_cli():
+        chosen = tuple(t.strip() for t in tasks.split(",") if t.strip()) or TASKS
+        cfg = EvaluationConfig(tasks=chosen, annotation_mode=mode, quick=quick,
+                               integration_finetune_epochs=integration_finetune_epochs)
+        cfm = load_model(model)
+        report = run_evaluation(cfm, output, data_dir=data_dir, config=cfg, model_name=model)
+    for title, err in report.failed.items():
+        typer.echo(f"warning: {title} failed: {err}", err=True)
+    typer.echo(f"report written to {report.path}")

@@ -8,8 +8,15 @@ import os
 from pathlib import Path
 
 import typer
+from rich.console import Console
 
+from cellfm.cli.common import load_model
 from cellfm.cli.console import fail, one_line_warnings, run_cli
+from cellfm.datasets import pbmc_example
+from cellfm.embedding.engine import resolve_device
+from cellfm.embedding.memory import embed
+from cellfm.evaluation.separation import separation_scores
+from cellfm.io.write import check_output, write_h5ad
 
 
 def default_output() -> Path:
@@ -32,18 +39,7 @@ def demo(
         _demo(console, output, model, device, overwrite)
 
 
-def _demo(console, output: Path | None, model: str, device: str, overwrite: bool) -> None:
-    import numpy as np
-    from sklearn.decomposition import PCA
-    from sklearn.metrics import silhouette_score
-    from sklearn.model_selection import cross_val_score
-    from sklearn.neighbors import KNeighborsClassifier
-
-    import cellfm
-    from cellfm.datasets import pbmc_example
-    from cellfm.embedding.engine import resolve_device
-    from cellfm.io.write import check_output, write_h5ad
-
+def _demo(console: Console, output: Path | None, model: str, device: str, overwrite: bool) -> None:
     if output is None:  # our own cache file: replacing the previous demo's output is expected
         output, overwrite = default_output(), True
         output.parent.mkdir(parents=True, exist_ok=True)
@@ -51,47 +47,19 @@ def _demo(console, output: Path | None, model: str, device: str, overwrite: bool
         fail(f"-o/--output must end in .h5ad (got {output.name})", 2)
     try:
         check_output(output, overwrite=overwrite)
-        resolve_device(device)
     except FileExistsError:
         fail(f"output {output} already exists; pass --overwrite to replace it, or choose another -o", 2)
-    except (OSError, ValueError) as err:
-        fail(str(err), 2)
-    try:
-        net = cellfm.load(model)
-    except Exception as err:  # noqa: BLE001 - checkpoint readers raise many types for bad files
-        fail(f"could not load --model {model}: {str(err).splitlines()[0]}")
-
+    resolve_device(device)
+    net = load_model(model)
     adata = pbmc_example()
-    typer.echo(f"model: {net!r}")
-    cellfm.embed(adata, net, device=device)
-
-    x = adata.X.toarray().astype(np.float64)
-    lognorm = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
-    pca = PCA(n_components=min(50, net.config.d_model), random_state=0).fit_transform(lognorm)
-    known = (adata.obs["cell_type"] != "?").to_numpy()
-    labels = adata.obs["cell_type"].to_numpy()[known]
-    kinds, counts = np.unique(labels, return_counts=True)
-    # an untrained model of the same shape: what the pretraining added to the CLS embedding
-    import torch
-
-    from cellfm.model import CellFMModule
-
-    torch.manual_seed(0)
-    untrained = cellfm.CellFM(net.config, CellFMModule(net.config), vocab=net.vocab)
-    random_init = cellfm.embed(adata, untrained, device=device, copy=True, progress=False).obsm["X_cellfm"]
-    rows = []
-    for name, emb in [("CellFM (X_cellfm)", adata.obsm["X_cellfm"]), ("same model, random init", random_init),
-                      ("PCA of log counts", pca)]:
-        emb = np.asarray(emb)[known]
-        knn = cross_val_score(KNeighborsClassifier(15), emb, labels, cv=5).mean()
-        sil = silhouette_score(emb, labels, metric="cosine")
-        rows.append((name, f"{knn:8.3f}", f"{sil:11.3f}"))  # (name, kNN, silhouette)
-    rows.append((f"chance ({kinds[counts.argmax()]})", f"{counts.max() / counts.sum():8.3f}", f"{'~0':>11s}"))
-    typer.echo(f"\n{adata.n_obs} cells, {known.sum()} labelled with {len(kinds)} types; 5-fold 15-NN "
+    embed(adata, net, device=device)
+    sep = separation_scores(adata, net, "cell_type", device=device)
+    typer.echo(f"\n{adata.n_obs} cells, {sep.n_labelled} labelled with {sep.n_types} types; 5-fold 15-NN "
                "accuracy and cosine silhouette of the types (chance: always guessing the largest type)")
     typer.echo(f"{'embedding':24s} {'kNN acc':>8s} {'silhouette':>11s}")
-    for name, knn, sil in rows:
-        typer.echo(f"{name:24s} {knn} {sil}")
+    for r in sep.table.itertuples():
+        typer.echo(f"{r.embedding:24s} {r.knn_acc:8.3f} {r.silhouette:11.3f}")
+    typer.echo(f"{'chance (' + sep.largest_type + ')':24s} {sep.chance:8.3f} {'~0':>11s}")
     write_h5ad(adata, output, overwrite=overwrite)
     typer.echo(f"\nwrote {output.resolve()} (obsm['X_cellfm']: {adata.obsm['X_cellfm'].shape})")
     typer.echo("next: embed your own raw counts (.h5ad, 10x folder / .h5, .loom):\n"

@@ -10,17 +10,20 @@ Ctrl-C), never a traceback; the input file is only read.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
+from rich.console import Console
+from rich.table import Table
 
 from cellfm.cellfm import load
-from cellfm.cli.console import Failure, fail, one_line_warnings, run_cli
-from cellfm.embedding.engine import require_st_weights, resolve_device
-from cellfm.embedding.stream import embed_file, parts_folder
-from cellfm.io.read import FORMATS, input_format
-from cellfm.io.write import check_output
+from cellfm.cli.console import Failure, fail, first_line, one_line_warnings, run_cli
+from cellfm.embedding.engine import resolve_device
+from cellfm.embedding.stream import check_paths, embed_file, parts_folder
 
 
 def embed(
@@ -76,70 +79,30 @@ def embed(
                obsm_only, overwrite, threads, backed, chunk_cells, st_tokens)
 
 
-def _embed(console, input: Path, output: Path, model: str, device: str, batch_size: int | None,
-           layer: str | None, use_raw: bool,
-           gene_key: str | None, empty: str, allow_non_integer: bool, obsm_only: bool, overwrite: bool,
-           threads: int | None, backed: bool, chunk_cells: int | None, st_tokens: bool = False) -> None:
-    import time
-
-
-    if not input.exists():
-        fail(f"input {input} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom path", 2)
-    fmt = input_format(input)
-    if fmt is None:
-        fail(f"{input.name} is not a format cellfm embed reads ({FORMATS}, or a corpus folder); convert it "
-             "to .h5ad first", 2)
-    obsm_only = obsm_only or fmt == "corpus"  # a corpus has no AnnData to write the embedding into
-    if output.resolve() == input.resolve():
-        fail("-o/--output must differ from the input: the input file is never changed", 2)
-    if obsm_only and output.suffix.lower() not in (".h5ad", ".parquet"):
-        what = "a corpus INPUT gives cell names + embedding in" if fmt == "corpus" else "--obsm-only writes"
-        fail(f"{what} .h5ad or .parquet; {output.name} is neither", 2)
-    if not obsm_only and output.suffix.lower() != ".h5ad":
-        fail(f"-o/--output must end in .h5ad (got {output.name}); or add --obsm-only for .parquet", 2)
-    if backed and fmt != "h5ad":
-        fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
+def _embed(console: Console, input: Path, output: Path, model: str, device: str, batch_size: int | None,
+           layer: str | None, use_raw: bool, gene_key: str | None, empty: str, allow_non_integer: bool,
+           obsm_only: bool, overwrite: bool, threads: int | None, backed: bool, chunk_cells: int | None,
+           st_tokens: bool = False) -> None:
     if threads is not None and threads < 1:
         fail(f"--threads {threads}: give at least 1", 2)
-    if (chunk_cells is not None and chunk_cells < 1) or (batch_size is not None and batch_size < 1):
-        fail(f"--chunk-cells {chunk_cells} / --batch-size {batch_size}: give at least 1", 2)
-    try:
-        check_output(output, overwrite=overwrite)
-    except FileExistsError:
-        fail(f"output {output} already exists; pass --overwrite to replace it, or choose another -o", 2)
-    except OSError as err:
-        fail(str(err), 2)
-
-    import os
-
-    import torch
-
+    fmt = check_paths(input, output, obsm_only=obsm_only, overwrite=overwrite)  # before loading a model
+    if backed and fmt != "h5ad":
+        fail("--backed reads .h5ad files only; leave it out for 10x and loom input", 2)
+    obsm_only = obsm_only or fmt == "corpus"  # a corpus has no AnnData to write the embedding into
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        resolve_device(device)
-    except ValueError as err:
-        fail(str(err), 2)
+    resolve_device(device)
     try:
         cfm = load(model)
     except Exception as err:  # noqa: BLE001 - checkpoint readers raise many types for bad files
-        fail(f"could not load --model {model}: {_first_line(err)}")
-    if st_tokens:
-        try:
-            require_st_weights(cfm)
-        except ValueError as err:
-            fail(f"--model {model}: {err}", 2)
-
+        fail(f"could not load --model {model}: {first_line(err)}")
     stop = os.environ.get("CELLFM_EMBED_STOP_AFTER_CHUNKS")  # test hook: simulate a killed run
     start = time.perf_counter()
     try:
         result = embed_file(input, cfm, output, obsm_only=obsm_only, batch_size=batch_size, device=device,
                             layer=layer, use_raw=use_raw, gene_key=gene_key, empty=empty,
-                            allow_non_integer=allow_non_integer,
-                            chunk_cells=chunk_cells, overwrite=overwrite,
+                            allow_non_integer=allow_non_integer, chunk_cells=chunk_cells, overwrite=overwrite,
                             stop_after_chunks=int(stop) if stop else None, st_tokens=st_tokens)
-    except (OSError, ValueError, KeyError) as err:
-        fail(_first_line(err))
     except KeyboardInterrupt:
         raise Failure(f"interrupted (Ctrl-C): {output} was not written; the finished chunks stay in "
                       f"{parts_folder(output)} and the same command resumes from them", 130) from None
@@ -156,14 +119,7 @@ def _embed(console, input: Path, output: Path, model: str, device: str, batch_si
     console.print(f"wrote {output}: {what} ({result.n_cells}, {result.uns['model']['d_model']})")
 
 
-def _first_line(err: BaseException) -> str:
-    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-    return str(text).strip().splitlines()[0] if str(text).strip() else type(err).__name__
-
-
-def print_report(console, info: dict, n_cells: int, seconds: float, model: str) -> None:
-    from rich.table import Table
-
+def print_report(console: Console, info: dict, n_cells: int, seconds: float, model: str) -> None:
     if info["layer"] == "corpus":
         console.print(f"corpus {info['corpus']} ({info['n_inputs']} inputs): genes were matched to the "
                       f"vocabulary when it was built")

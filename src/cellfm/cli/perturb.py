@@ -18,7 +18,13 @@ from cellfm.cli.common import (
     write_tsv,
 )
 from cellfm.cli.console import fail, run_cli
+from cellfm.evaluation.data import load_benchmark, resolve_data_dir
 from cellfm.io.write import write_text
+from cellfm.tasks.perturbation import evaluate_perturbation
+from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+from cellfm.tasks.perturbation_gears import GearsConfig, require_gears
+from cellfm.tasks.perturbation_reverse import reverse_markdown
+from cellfm.wording import cli_wording
 
 
 def perturb(
@@ -66,15 +72,11 @@ def perturb(
 
 def _perturb(output, model, data_dir, input, condition_key, control, size_factor_key, method, splits,
              epochs, max_cells_per_condition, n_folds, reverse, threads) -> None:
-    from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
-
     if method not in ("auto", "gears", "embedding"):
         fail(f"--method {method!r} is not one of auto, gears, embedding", 2)
     if splits < 1 or epochs < 1 or max_cells_per_condition < 0:
         fail("--splits and --epochs must be >= 1 and --max-cells-per-condition >= 0", 2)
     if method != "embedding":
-        from cellfm.tasks.perturbation_gears import require_gears
-
         try:
             require_gears()
             method = "gears"
@@ -90,15 +92,9 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
         if input is None and size_factor_key is None:
             size_factor_key = "response_n_umis"
         ref = load_benchmark("pbmc4k", data_dir) if method == "embedding" else None
-        go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
+        go_dir = resolve_data_dir(data_dir) / "go_annotations_org_hs_eg_db"
     except FileNotFoundError as err:
         fail(str(err), 2)
-    from cellfm.tasks.perturbation import evaluate_perturbation
-    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
-    from cellfm.tasks.perturbation_gears import GearsConfig
-    from cellfm.tasks.perturbation_reverse import reverse_markdown
-    from cellfm.wording import cli_wording
-
     cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
     try:
         with cli_wording():  # the input checks run first and name flags

@@ -21,7 +21,7 @@ from cellfm.contract.setup import CellInput
 from cellfm.model.st_tokens import st_features
 from cellfm.progress import progress_bar
 from cellfm.vocab import GeneVocabulary
-from cellfm.wording import arg
+from cellfm.wording import UsageError, arg
 
 
 class EncoderModel(Protocol):
@@ -50,26 +50,26 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
         choices = f"{arg('device', 'cpu')}, {arg('device', 'cuda')} or {arg('device', 'auto')}"
-        raise ValueError(f"{arg('device', str(device))} is not a device torch knows: use {choices}") from None
+        raise UsageError(f"{arg('device', str(device))} is not a device torch knows: use {choices}") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{arg('device', str(device))} was asked for but torch sees no CUDA GPU (a CPU-only "
+        raise UsageError(f"{arg('device', str(device))} was asked for but torch sees no CUDA GPU (a CPU-only "
                          f"torch build?); use {arg('device', 'cpu')}")
     if dev.type not in ("cpu", "cuda", "mps", "xpu"):
-        raise ValueError(f"{arg('device', str(device))} is not supported: use "
+        raise UsageError(f"{arg('device', str(device))} is not supported: use "
                          f"{arg('device', 'cpu')} or {arg('device', 'cuda')}")
     return dev
 
 
 def check_batch_size(batch_size: int | None) -> None:
     if batch_size is not None and batch_size < 1:
-        raise ValueError(f"{arg('batch_size', batch_size)}: the batch size must be positive")
+        raise UsageError(f"{arg('batch_size', batch_size)}: the batch size must be positive")
 
 
 def require_st_weights(model: EncoderModel) -> None:
     """Refuse `st_tokens=True` for a model without ST-token weights: new random ones would make
     the embedding noise, not a library-size signal."""
     if not model.config.st_tokens:
-        raise ValueError(
+        raise UsageError(
             f"{arg('st_tokens', True)} needs a model with ST-token weights and this one has none; "
             "the official 80M release (cellfm-80m, CellFM_80M_weight.ckpt: ST_emb, ST_enc) and "
             "models fine-tuned for integration with ST tokens carry them. Leave out "

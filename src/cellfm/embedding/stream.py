@@ -47,10 +47,11 @@ from cellfm.embedding.engine import (
 )
 from cellfm.embedding.inputs import open_input
 from cellfm.embedding.memory import as_model
+from cellfm.io.read import FORMATS, input_format
 from cellfm.io.stream_writer import write_streamed
 from cellfm.io.write import atomic_path, check_output, write_text
 from cellfm.progress import progress_bar
-from cellfm.wording import arg
+from cellfm.wording import UsageError, arg
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +146,28 @@ def open_index(parts: Path, record: dict) -> None:
     write_text(index, json.dumps(record, indent=1))
 
 
+def check_paths(path: Path, out: Path, *, obsm_only: bool, overwrite: bool) -> str:
+    """Refuse, before any work, an input that is missing or of no format we read and an output
+    that would replace the input, has the wrong suffix or exists; returns the input's format."""
+    if not path.exists():
+        raise FileNotFoundError(f"input {path} does not exist; give an .h5ad, 10x folder, 10x .h5 or .loom "
+                                "path")
+    fmt = input_format(path)
+    if fmt is None:
+        raise UsageError(f"{path.name} is not a format cellfm embed reads ({FORMATS}, or a corpus folder); "
+                         "convert it to .h5ad first")
+    if out.resolve() == path.resolve():
+        raise UsageError("the output must differ from the input: the input file is never changed")
+    suffix, only = out.suffix.lower(), arg("obsm_only", True)
+    if (obsm_only or fmt == "corpus") and suffix not in (".h5ad", ".parquet"):
+        what = "a corpus input gives cell names + embedding in" if fmt == "corpus" else f"{only} writes"
+        raise UsageError(f"{what} .h5ad or .parquet; {out.name} is neither")
+    if not (obsm_only or fmt == "corpus") and suffix != ".h5ad":
+        raise UsageError(f"the output must end in .h5ad (got {out.name}); or pass {only} for .parquet")
+    check_output(out, overwrite=overwrite)
+    return fmt
+
+
 def embed_file(
     path: str | Path,
     model: CellFM | str | Path,
@@ -183,10 +206,10 @@ def embed_file(
     $ torchrun --nproc-per-node 8 -m cellfm.cli embed atlas.h5ad -o atlas_emb.parquet --obsm-only
     """
     path, out = Path(path), Path(out)
+    check_paths(path, out, obsm_only=obsm_only, overwrite=overwrite)
     if chunk_cells is not None and chunk_cells < 1:
-        raise ValueError(f"{arg('chunk_cells', chunk_cells)}: the chunk size must be positive")
+        raise UsageError(f"{arg('chunk_cells', chunk_cells)}: the chunk size must be positive")
     check_batch_size(batch_size)
-    check_output(out, overwrite=overwrite)
     rank, world = rank_and_world()
     dev = resolve_device(device)
     if dev.type == "cuda" and "LOCAL_RANK" in os.environ:

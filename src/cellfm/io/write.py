@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cellfm.wording import arg
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -24,7 +26,8 @@ def check_output(path: Path, *, overwrite: bool) -> None:
     if path.is_dir():
         raise IsADirectoryError(f"output {path} is a folder; give a file name")
     if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} already exists; choose another name or allow replacing it")
+        raise FileExistsError(f"output {path} already exists; pass {arg('overwrite', True)} to replace it, "
+                              "or choose another name")
 
 
 @contextmanager

@@ -1,24 +1,24 @@
-"""Downstream tasks on CellFM embeddings, each evaluated against classical baselines on real data.
+"""User workflows on CellFM embeddings, one module (or a few `name_*` modules) per task.
 
-One module per task: `annotation` (CellTypeAnnotator), `integration`, `perturbation` (fast
-predictors) and `perturbation_benchmark` (GEARS, GEARS + CellFM, baselines; its parts in
-`perturbation_gears`, `gears_cell_tokens`, `go_graph`, `perturbation_baselines`), `gene_function`,
-`gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
-`integration_metrics`, `integration_baselines`, `benchmark_data`, `gene_labels`, `report_plots`;
-the annotator's parts live in `annotation_*` modules (cache, data, training, open set, io, eval,
-the CLS-MLP head).
+`annotation` (CellTypeAnnotator), `integration` (score an embedding's batch mixing;
+`integration_finetune`, `integration_metrics`), `perturbation` (fast predictors) and
+`perturbation_benchmark` (GEARS, GEARS + CellFM; parts in `perturbation_gears`,
+`gears_cell_tokens`, `go_graph`, `perturbation_baselines`), `gene_function` and `gene_network`.
+The fixed data sets, baselines and report that measure them live in `cellfm.evaluation`.
 Imports are lazy so that `import cellfm.tasks` stays cheap.
 """
 
 from __future__ import annotations
 
+import importlib
+
 _EXPORTS = {
     "CellTypeAnnotator": "cellfm.tasks.annotation",
     "evaluate_annotation": "cellfm.tasks.annotation_eval",
-    "build_pbmc_batches": "cellfm.tasks.integration",
+    "IntegrationConfig": "cellfm.tasks.integration",
+    "IntegrationResult": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",
     "score_embeddings": "cellfm.tasks.integration_metrics",
-    "integration_baselines": "cellfm.tasks.integration_baselines",
     "perturbation_effects": "cellfm.tasks.perturbation",
     "evaluate_perturbation": "cellfm.tasks.perturbation",
     "evaluate_perturbation_gears": "cellfm.tasks.perturbation_benchmark",
@@ -28,15 +28,11 @@ _EXPORTS = {
     "gene_neighbours": "cellfm.tasks.gene_network",
     "coannotation_enrichment": "cellfm.tasks.gene_network",
     "evaluate_gene_network": "cellfm.tasks.gene_network",
-    "run_evaluation": "cellfm.tasks.report",
-    "load_benchmark": "cellfm.tasks.benchmark_data",
 }
 
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        import importlib
-
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'cellfm.tasks' has no attribute {name!r}")
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from cellfm.tasks.benchmark_data import UNLABELLED
+from cellfm.contract.labels import UNLABELLED
 
 if TYPE_CHECKING:
     import anndata as ad

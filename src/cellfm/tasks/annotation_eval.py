@@ -37,7 +37,7 @@ def evaluate_annotation(
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.model_selection import train_test_split
 
-    from cellfm.tasks.baselines import pca_knn, pca_logistic_regression
+    from cellfm.evaluation.baselines import pca_knn, pca_logistic_regression
 
     labels = checked_labels(adata, label_key, min_cells=fit_kwargs.get("min_cells_per_class", 5))
     keep = np.flatnonzero(labels.notna().to_numpy())

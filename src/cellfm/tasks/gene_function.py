@@ -18,11 +18,18 @@ of the embedding's width (chance).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
+
+from cellfm.embedding.memory import get_gene_embeddings
+from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
+from cellfm.evaluation.gene_labels import load_geneformer_tasks, load_go_annotations, load_go_term_names
+from cellfm.progress import progress_bar
+from cellfm.vocab import map_genes
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -33,8 +40,6 @@ if TYPE_CHECKING:
 def vocab_symbols_of(identifiers: list[str] | pd.Index, model: CellFM) -> np.ndarray:
     """Vocabulary symbol of each identifier (symbol, alias or Ensembl id), "" where unmatched."""
     import warnings
-
-    from cellfm.vocab import map_genes
 
     # map_genes gives each token to one column only (as a data set needs); a gene list may name the
     # same gene twice (symbol and Ensembl id), so identifiers left over are mapped again on their own
@@ -59,8 +64,6 @@ def gene_features(
 ) -> dict[str, pd.DataFrame]:
     """Feature tables indexed by vocabulary symbol: "CellFM", "expression stats" (when
     `reference` cells are given), "random"."""
-    from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
 
     emb = get_gene_embeddings(model)
     emb = emb[~emb.index.duplicated()].reindex(genes)
@@ -157,10 +160,6 @@ def evaluate_binary_tasks(
     `tasks`: Geneformer task names (default: all in the label file; the paper's three are
     `PAPER_BINARY_TASKS`).
     """
-    from tqdm.auto import tqdm
-
-    from cellfm.tasks.gene_labels import load_geneformer_tasks
-
     raw = load_geneformer_tasks(data_dir)
     if tasks is not None:
         unknown = sorted(set(tasks) - set(raw["task"]))
@@ -170,7 +169,10 @@ def evaluate_binary_tasks(
     mapped = geneformer_task_genes(raw, model)
     feats = gene_features(sorted(set(mapped["vocab_symbol"])), model, reference, seed)
     rows = []
-    for task, sub in tqdm(mapped.groupby("task"), desc="gene function (binary)", disable=not progress):
+    groups = list(mapped.groupby("task"))
+    bar = progress_bar(len(groups), "gene function (binary)", unit="task", enabled=progress)
+    for task, sub in groups:
+        bar.update(1)
         sub = sub.drop_duplicates("vocab_symbol", keep=False)  # genes in both classes are ambiguous
         classes = sorted(sub["label"].unique())
         if len(classes) != 2 or sub["label"].value_counts().min() < n_folds:
@@ -192,7 +194,16 @@ def evaluate_binary_tasks(
                     "n_unmapped": int((raw["task"] == task).sum() - len(sub)),
                 }
             )
+    bar.close()
     return pd.DataFrame(rows)
+
+
+@dataclass
+class GoTermScores:
+    """GO top-term prediction: one summary row per (ontology, method), one row per term too."""
+
+    summary: pd.DataFrame  # ontology, method, aupr, fmax, auroc, label_density, n_genes, n_terms
+    terms: pd.DataFrame  # ontology, go_id, term, method, auroc, average_precision, n_positive
 
 
 def go_top_terms(go: pd.DataFrame, genes: set[str], n_terms: int = 10) -> list[str]:
@@ -214,25 +225,20 @@ def evaluate_go_terms(
     n_folds: int = 5,
     seed: int = 0,
     progress: bool = True,
-) -> dict[str, pd.DataFrame]:
-    """GO top-`n_terms` multi-label prediction per ontology.
-
-    Returns {"summary": ontology, method, aupr, fmax, auroc, label_density, n_genes, n_terms;
-    "terms": ontology, go_id, term, method, auroc, average_precision, n_positive}. The genes are the
+) -> GoTermScores:
+    """GO top-`n_terms` multi-label prediction per ontology (`GoTermScores`). The genes are the
     vocabulary genes carrying at least one of the terms, subsampled to `max_genes` (seeded; None
     keeps all) to bound the run time.
     """
     from sklearn.metrics import average_precision_score, roc_auc_score
-    from tqdm.auto import tqdm
-
-    from cellfm.tasks.gene_labels import load_go_annotations, load_go_term_names
-
     go_all = load_go_annotations(data_dir, propagated=False)
     names = load_go_term_names(data_dir)
     vocab = set(model.vocab.genes)
     rng = np.random.default_rng(seed)
     summary, per_term = [], []
-    for ont in tqdm(ontologies, desc="gene function (GO)", disable=not progress):
+    bar = progress_bar(len(ontologies), "gene function (GO)", unit="ontology", enabled=progress)
+    for ont in ontologies:
+        bar.update(1)
         go = go_all[(go_all["ontology"] == ont) & go_all["symbol"].isin(vocab)]
         terms = go_top_terms(go, vocab, n_terms)
         go = go[go["go_id"].isin(terms)]
@@ -264,4 +270,5 @@ def evaluate_go_terms(
                         "n_positive": int(Y[:, t].sum()),
                     }
                 )
-    return {"summary": pd.DataFrame(summary), "terms": pd.DataFrame(per_term)}
+    bar.close()
+    return GoTermScores(pd.DataFrame(summary), pd.DataFrame(per_term))

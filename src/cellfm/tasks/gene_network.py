@@ -12,11 +12,20 @@ embeddings give the chance level.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+
+from cellfm.embedding.memory import get_gene_embeddings
+from cellfm.evaluation.baselines import random_gene_embeddings
+from cellfm.evaluation.gene_labels import annotation_sets, load_gmt, load_go_annotations
+from cellfm.progress import progress_bar
+from cellfm.tasks.gene_function import vocab_symbols_of
+from cellfm.tokenizer import lognorm
+from cellfm.wording import UsageError, arg
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -68,6 +77,27 @@ def _share_rate(M: sp.csr_matrix, a: np.ndarray, b: np.ndarray) -> float:
     return float((M[a].multiply(M[b]).getnnz(axis=1) > 0).mean())
 
 
+@dataclass(frozen=True)
+class Enrichment:
+    """How often neighbour pairs share an annotation, against random pairs of the same genes."""
+
+    pairs: int  # neighbour pairs tested
+    shared_fraction: float  # of the neighbour pairs, share at least one term
+    random_fraction: float  # the same for random pairs
+    fold_enrichment: float  # shared_fraction / random_fraction
+    p_binomial: float  # one-sided binomial test of shared_fraction against random_fraction
+    p_permutation: float  # from shuffling the annotations among genes
+
+
+@dataclass
+class GeneNetworkResult:
+    """Co-annotation of top-k neighbours per method and annotation source, and CellFM's neighbours."""
+
+    table: pd.DataFrame  # method, annotation, n_genes, then the `Enrichment` fields
+    neighbours: pd.DataFrame  # CellFM's top-k neighbours: gene, neighbour, rank, cosine
+    n_genes: int  # genes annotated, embedded (and detected in the reference)
+
+
 def coannotation_enrichment(
     idx: np.ndarray,
     genes: np.ndarray,
@@ -75,7 +105,7 @@ def coannotation_enrichment(
     n_random: int = 50000,
     n_permutations: int = 50,
     seed: int = 0,
-) -> dict:
+) -> Enrichment:
     """Fraction of neighbour pairs sharing a term vs random pairs among the same genes.
 
     idx: (G, k) neighbour indices into `genes`; only genes with at least one term should be passed.
@@ -96,20 +126,13 @@ def coannotation_enrichment(
         shuffled = M[rng.permutation(len(genes))]
         perm.append(_share_rate(shuffled, a, b))
     p_perm = (1 + sum(p >= observed for p in perm)) / (1 + n_permutations)
-    return {
-        "pairs": len(a),
-        "shared_fraction": observed,
-        "random_fraction": expected,
-        "fold_enrichment": observed / max(expected, 1e-12),
-        "p_binomial": float(p_binom),
-        "p_permutation": float(p_perm),
-    }
+    fold = observed / max(expected, 1e-12)
+    return Enrichment(len(a), observed, expected, fold, float(p_binom), float(p_perm))
 
 
 def coexpression_features(reference: ad.AnnData, genes: list[str]) -> pd.DataFrame:
     """Each gene's z-scored log-normalised expression profile across the reference cells, so that
     cosine similarity between rows = Pearson correlation across cells. (G, n_cells)"""
-    from cellfm.tasks.baselines import lognorm
 
     L = lognorm(reference.X).toarray()
     frame = pd.DataFrame(L.T, index=reference.var_names.astype(str))
@@ -128,19 +151,14 @@ def evaluate_gene_network(
     min_detection: float = 0.05,
     seed: int = 0,
     progress: bool = True,
-) -> dict:
+) -> GeneNetworkResult:
     """Enrichment of GO-BP and Reactome co-membership among top-k neighbours, for CellFM gene
     embeddings, a co-expression network (if `reference`) and random embeddings, on one gene set:
     vocabulary genes annotated in GO BP (and, with a reference, detected in >= `min_detection` of
     its cells, so that co-expression is defined).
     """
-    from tqdm.auto import tqdm
-
-    from cellfm.embedding.memory import get_gene_embeddings
-    from cellfm.tasks.baselines import random_gene_embeddings
-    from cellfm.tasks.gene_function import vocab_symbols_of
-    from cellfm.tasks.gene_labels import annotation_sets, load_gmt, load_go_annotations
-
+    if k < 1:
+        raise UsageError(f"{arg('k', k)}: give at least 1 neighbour per gene")
     emb = get_gene_embeddings(model)
     emb = emb[~emb.index.duplicated()]
     go = load_go_annotations(data_dir, "BP")
@@ -164,12 +182,15 @@ def evaluate_gene_network(
         features["co-expression"] = coexpression_features(ref, genes.tolist())
     features["random"] = random_gene_embeddings(genes, emb.shape[1], seed=seed)
     rows, neighbours = [], None
-    for method, F in tqdm(features.items(), desc="gene network", disable=not progress):
+    bar = progress_bar(len(features), "gene network", unit="method", enabled=progress)
+    for method, F in features.items():
+        bar.update(1)
         if method == "CellFM":
             neighbours = gene_neighbours(emb.loc[genes], k)
         for source, sets in annotations.items():
             annotated = np.flatnonzero(_membership(genes, sets).getnnz(axis=1) > 0)
             sub_idx, _ = cosine_neighbours(F.to_numpy(dtype=np.float32)[annotated], k)
             res = coannotation_enrichment(sub_idx, genes[annotated], sets, seed=seed)
-            rows.append({"method": method, "annotation": source, "n_genes": len(annotated), **res})
-    return {"table": pd.DataFrame(rows), "neighbours": neighbours, "n_genes": len(genes)}
+            rows.append({"method": method, "annotation": source, "n_genes": len(annotated), **asdict(res)})
+    bar.close()
+    return GeneNetworkResult(pd.DataFrame(rows), neighbours, len(genes))

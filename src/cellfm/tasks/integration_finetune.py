@@ -23,10 +23,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from cellfm.cellfm import CellFM
+from cellfm.contract.setup import setup_cells
+from cellfm.embedding.engine import resolve_device
+from cellfm.model.loss import pretraining_loss
+from cellfm.model.st_tokens import st_features
+from cellfm.progress import progress_bar
+from cellfm.tokenizer import mask_values
+
 if TYPE_CHECKING:
     import anndata as ad
-
-    from cellfm.cellfm import CellFM
 
 
 def downsample(values: torch.Tensor, token_mask: torch.Tensor, totals: torch.Tensor,
@@ -50,7 +56,6 @@ def integration_loss(output, batch, targets: torch.Tensor, ecs_threshold: float 
                      ecs_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Pretraining terms against `targets` (B, L) plus ECS on the cell-wise predictions of the real
     tokens (official FinetuneModel.construct). Returns the terms and their sum under 'loss'."""
-    from cellfm.model.loss import pretraining_loss
 
     terms = pretraining_loss(output, dataclasses.replace(batch, values=targets))
     cell_pred = output.cell_pred * batch.token_mask.to(output.cell_pred.dtype)  # (B, L)
@@ -90,14 +95,6 @@ def fine_tune_for_integration(
     afterwards uses CLS alone, as the tutorial's `Backbone` does. The cells pass the input
     contract (`cellfm.contract.setup_cells`; `setup`: its `layer`, `use_raw`, `gene_key`,
     `allow_non_integer`)."""
-    from tqdm.auto import tqdm
-
-    from cellfm.cellfm import CellFM
-    from cellfm.contract.setup import setup_cells
-    from cellfm.embedding.engine import resolve_device
-    from cellfm.model.st_tokens import st_features
-    from cellfm.tokenizer import mask_values
-
     dev = resolve_device(device)
     if st_tokens:
         model = model.with_st_tokens()
@@ -109,7 +106,7 @@ def fine_tune_for_integration(
     opt = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=1e-5)
     rng = np.random.default_rng(seed)
     module.train()
-    bar = tqdm(total=epochs * len(batches), desc="integration fine-tune", disable=not progress)
+    bar = progress_bar(epochs * len(batches), "integration fine-tune", unit="batch", enabled=progress)
     for _ in range(epochs):
         for i in rng.permutation(len(batches)):
             b = batches[i]

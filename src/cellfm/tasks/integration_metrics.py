@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from cellfm.extras import installed_version
+
 if TYPE_CHECKING:
     import anndata as ad
 
@@ -54,8 +56,6 @@ def score_embeddings(
     uncorrected data). `scorer`: "auto" (scib-metrics when installed), "scib-metrics" or
     "approximate".
     """
-    from cellfm.tasks.baselines import installed_version
-
     if scorer not in ("auto", "scib-metrics", "approximate"):
         raise ValueError(f"scorer must be 'auto', 'scib-metrics' or 'approximate', not {scorer!r}")
     if unintegrated not in embeddings:

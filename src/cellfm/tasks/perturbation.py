@@ -29,7 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from cellfm.contract.counts import check_counts
 from cellfm.embedding.memory import get_gene_embeddings
-from cellfm.tasks.baselines import gene_expression_stats, random_gene_embeddings
+from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
 from cellfm.tasks.gene_function import vocab_symbols_of
 from cellfm.tokenizer import lognorm
 from cellfm.wording import arg

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from cellfm.contract.labels import is_unlabelled
+
 INSTALL_HINT = 'pip install "cellfm[plots]"'
 # column keys -> words for tick labels
 READABLE = {
@@ -27,7 +29,6 @@ READABLE = {
     "coarse_type": "cell type",
     "batch": "batch (data set)",
 }
-UNLABELLED = {"", "none", "nan", "?", "unknown", "unlabelled", "unassigned"}
 TYPE_PALETTE = "tab10"  # cell types ...
 BATCH_PALETTE = "Set2"  # ... and batches (pastel) never share a palette or look alike
 
@@ -70,8 +71,7 @@ def two_d(emb: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
 
 
 def _categories(values: pd.Series) -> np.ndarray:
-    s = values.astype(object).where(values.notna(), "unlabelled").astype(str)
-    return np.where(s.str.strip().str.lower().isin(UNLABELLED), "unlabelled", s)
+    return np.where(is_unlabelled(values), "unlabelled", values.astype(str).to_numpy())
 
 
 def embedding_maps(

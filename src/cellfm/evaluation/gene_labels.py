@@ -1,4 +1,4 @@
-"""Readers for gene-level label sources in the shared data folder.
+"""Readers for the gene-level label sources of the evaluation data folder (`data.data_file`).
 
 - Geneformer's binary gene classification tasks (long TSV: task, ensembl_id, label, symbol);
 - GO annotations from org.Hs.eg.db (entrez, symbol, go_id, evidence, ontology), with term names;
@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellfm.evaluation.data import data_file
+
 GENEFORMER_TASKS = "gene_function_labels/geneformer_tasks/geneformer_gene_tasks_long.tsv"
 GO_PROPAGATED = "go_annotations_org_hs_eg_db/go_annotations_propagated.tsv.gz"
 GO_DIRECT = "go_annotations_org_hs_eg_db/go_annotations_direct.tsv.gz"
@@ -20,21 +22,9 @@ GO_TERMS = "go_annotations_org_hs_eg_db/go_terms.tsv.gz"
 REACTOME_GMT = "gene_function_labels/gene_sets/msigdb_c2_cp_reactome_v6.2_symbols.gmt.gz"
 
 
-def _path(data_dir: str | Path | None, rel: str) -> Path:
-    from cellfm.tasks.benchmark_data import default_data_dir
-
-    p = (Path(data_dir) if data_dir is not None else default_data_dir()) / rel
-    if not p.is_file():
-        raise FileNotFoundError(
-            f"{p} not found: pass the shared data folder (holding {rel.split('/')[0]}/) "
-            "as data_dir / --data-dir, or set CELLFM_DATA_DIR"
-        )
-    return p
-
-
 def load_geneformer_tasks(data_dir: str | Path | None = None) -> pd.DataFrame:
     """Columns task, ensembl_id, label, symbol (symbol may be empty)."""
-    df = pd.read_csv(_path(data_dir, GENEFORMER_TASKS), sep="\t", dtype=str)
+    df = pd.read_csv(data_file(data_dir, GENEFORMER_TASKS), sep="\t", dtype=str)
     missing = {"task", "ensembl_id", "label"} - set(df.columns)
     if missing:
         raise ValueError(f"{GENEFORMER_TASKS} lacks columns {sorted(missing)}")
@@ -50,7 +40,7 @@ def load_go_annotations(
     else only the direct annotations (as the CellFM gene-function data set counts terms).
     """
     df = pd.read_csv(
-        _path(data_dir, GO_PROPAGATED if propagated else GO_DIRECT),
+        data_file(data_dir, GO_PROPAGATED if propagated else GO_DIRECT),
         sep="\t",
         usecols=["symbol", "go_id", "ontology"],
         dtype=str,
@@ -61,13 +51,13 @@ def load_go_annotations(
 
 
 def load_go_term_names(data_dir: str | Path | None = None) -> pd.Series:
-    df = pd.read_csv(_path(data_dir, GO_TERMS), sep="\t", usecols=["go_id", "term"], dtype=str)
+    df = pd.read_csv(data_file(data_dir, GO_TERMS), sep="\t", usecols=["go_id", "term"], dtype=str)
     return df.set_index("go_id")["term"]
 
 
 def load_gmt(data_dir: str | Path | None = None, rel: str = REACTOME_GMT) -> dict[str, set[str]]:
     """Gene set name -> set of symbols."""
-    p = _path(data_dir, rel)
+    p = data_file(data_dir, rel)
     opener = gzip.open if p.suffix == ".gz" else open
     sets = {}
     with opener(p, "rt") as f:

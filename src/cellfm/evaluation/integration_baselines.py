@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
 
-if TYPE_CHECKING:
-    import anndata as ad
+from cellfm.evaluation.baselines import HvgPca
+from cellfm.extras import installed_version
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,6 @@ def integration_baselines(
     progress: bool = True,
 ) -> BaselineRun:
     """HVG+PCA always; Harmony and scVI (`scvi_epochs` > 0) when installed. Raw counts in X."""
-    from cellfm.tasks.baselines import HvgPca, installed_version
-
     run = BaselineRun()
     hp = HvgPca(seed=seed).fit(adata.X)
     run.embeddings["HVG+PCA"] = hp.transform(adata.X)
@@ -85,7 +83,6 @@ def _harmony(run: BaselineRun, adata: ad.AnnData, batch_key: str, seed: int) -> 
 
 
 def _scvi(adata: ad.AnnData, batch_key: str, epochs: int, seed: int, progress: bool) -> np.ndarray:
-    import anndata as ad
     import scipy.sparse as sp
     import scvi
 

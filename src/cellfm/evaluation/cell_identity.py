@@ -14,10 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-# data set -> (file under the shared data folder, label column)
-IDENTITY_SETS = {"pbmc3k": ("pbmc3k_clustifyr/pbmc3k_clustifyr_2000hvg.h5ad", "classified"),
-                 "pbmc4k": ("pbmc4k_soupx/pbmc4k_soupx_half.h5ad", "cell_type"),
-                 "pbmc68k": ("pbmc68k_reduced_scanpy/pbmc68k_reduced_counts.h5ad", "bulk_labels")}
+from cellfm.embedding.memory import as_model as resolve_model
+from cellfm.evaluation.baselines import HvgPca
+from cellfm.evaluation.data import BENCHMARKS, benchmark_path
+from cellfm.model import CellFMModule
+from cellfm.training.probe import cls_embeddings, load_probe_set, probe_accuracy
+
+IDENTITY_SETS = ("pbmc3k", "pbmc4k", "pbmc68k")  # names in `data.BENCHMARKS`
 CELLFM, RANDOM, PCA = "CellFM CLS", "random init CLS", "PCA of HVG log counts"
 
 
@@ -26,33 +29,25 @@ def hvg_pca(path: Path, rows: np.ndarray) -> tuple[np.ndarray, str]:
     50 PCs when scanpy is installed, a labelled stand-in otherwise) -> (embedding, backend)."""
     import anndata as ad
 
-    from cellfm.tasks.baselines import HvgPca
-
     hp = HvgPca()
     emb = hp.fit_transform(ad.read_h5ad(path)[rows].X)
     return np.asarray(emb, np.float32), hp.backend_
 
 
-def evaluate_cell_identity(model, data_dir: str | Path, *, seeds: tuple[int, ...] = (0, 1, 2),
-                           max_cells: int = 1500, sets: tuple[str, ...] = tuple(IDENTITY_SETS),
+def evaluate_cell_identity(model, data_dir: str | Path | None = None, *, seeds: tuple[int, ...] = (0, 1, 2),
+                           max_cells: int = 1500, sets: tuple[str, ...] = IDENTITY_SETS,
                            progress: bool = False) -> pd.DataFrame:
     """One row per (data set, embedding): mean and sd over `seeds` of 5-fold 15-NN accuracy
-    (Euclidean on the raw embedding) and logistic-regression accuracy (standardised features)."""
-    from cellfm.embedding.memory import as_model as resolve_model
-    from cellfm.model import CellFMModule
-    from cellfm.training.probe import cls_embeddings, load_probe_set, probe_accuracy
+    (Euclidean on the raw embedding) and logistic-regression accuracy (standardised features).
+    `data_dir`: the evaluation data folder (None: CELLFM_DATA_DIR)."""
 
     model = resolve_model(model)
     torch.manual_seed(0)
     random_init = CellFMModule(model.config)
     rows = []
     for name in sets:
-        rel, key = IDENTITY_SETS[name]
-        path = Path(data_dir) / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass the shared data folder as data_dir")
-        probe = load_probe_set(path, key, model.config.vocabulary, max_cells=max_cells,
-                               max_genes=model.config.max_genes)
+        path, key = benchmark_path(name, data_dir), BENCHMARKS[name].label_key
+        probe = load_probe_set(path, key, model.config, max_cells=max_cells)
         pca, backend = hvg_pca(path, probe.rows)
         embs = {CELLFM: cls_embeddings(model.module, probe), RANDOM: cls_embeddings(random_init, probe),
                 PCA: pca}
@@ -79,7 +74,8 @@ def identity_markdown(table: pd.DataFrame) -> str:
 
 
 def identity_targets(table: pd.DataFrame) -> list[str]:
-    """Issue 8's targets, met or missed: kNN >= PCA - 0.05 and >= random + 0.20; linear >= 0.90 on pbmc3k."""
+    """The bars a useful CLS has to clear, met or missed: kNN >= PCA - 0.05 and >= random + 0.20;
+    linear >= 0.90 on pbmc3k."""
     def met(ok: bool) -> str:
         return "met" if ok else "missed"
 

@@ -1,6 +1,5 @@
-"""Classical baselines every task is compared against, fitted on the training split only.
+"""Classical baselines every evaluated task is compared against, fitted on the training split only.
 
-- `lognorm`: log1p(count / total * 1e4), the same normalisation CellFM sees.
 - `HvgPca`: scanpy's recipe (`sc.pp.highly_variable_genes` flavor "seurat" on log-normalised
   counts, `sc.pp.scale` clipped at 10, `sc.pp.pca`) fitted on one set of cells and applied to
   others; scanpy is an optional extra (`pip install cellfm[scanpy]`). Without it a numpy stand-in
@@ -20,17 +19,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellfm.extras import installed_version
 from cellfm.tokenizer import lognorm
-
-
-def installed_version(package: str) -> str | None:
-    """Version of an installed optional package (scanpy, scib-metrics, ...), None when absent."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return None
 
 
 class HvgPca:

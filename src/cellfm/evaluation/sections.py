@@ -1,29 +1,34 @@
-"""The sections of the evaluation report: one function per task, each running the task and
-returning (Markdown text, results) with its figures written beside the report. `report.py`
-assembles them; this module holds no report layout beyond each section's own text.
+"""The sections of the evaluation report: one function per task, each taking the run's
+`RunContext`, running the task and returning a `SectionResult` (Markdown text, what results.json
+keeps, the summary's headlines) with its figures written beside the report. `report.py` assembles
+them; this module holds no report layout beyond each section's own text.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from cellfm.tasks.report import ANNOTATION_SETS, markdown_table  # report imports us lazily
+from cellfm.evaluation.cell_identity import evaluate_cell_identity, identity_markdown, identity_targets
+from cellfm.evaluation.data import BENCHMARKS, load_benchmark
+from cellfm.evaluation.markdown import figure_link, markdown_table
+from cellfm.evaluation.pbmc_batches import build_pbmc_batches
+from cellfm.evaluation.plots import confusion_matrix_plot, embedding_maps, grouped_bars
+from cellfm.evaluation.results import Headline, RunContext, SectionResult
+from cellfm.tasks.annotation_eval import evaluate_annotation
+from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
+from cellfm.tasks.gene_network import evaluate_gene_network
+from cellfm.tasks.integration import IntegrationConfig, evaluate_integration
+from cellfm.tasks.integration_metrics import AGGREGATES
+from cellfm.tasks.perturbation import evaluate_perturbation
+from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+from cellfm.tasks.perturbation_gears import GearsConfig, require_gears
+
+ANNOTATION_SETS = ("pbmc3k", "pbmc4k", "pbmc68k")
 
 
-def figure_link(path: Path | None, alt: str) -> str:
-    from cellfm.tasks.report_plots import INSTALL_HINT
-
-    if path is None:
-        return f"_(no figure: matplotlib is not installed; `{INSTALL_HINT}`)_"
-    return f"![{alt}]({path.name})"
-
-
-def cell_identity_section(model, data_dir, quick, seed):
-    from cellfm.tasks.cell_identity import evaluate_cell_identity, identity_markdown, identity_targets
-
+def cell_identity_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, quick, seed = ctx.model, ctx.data_dir, ctx.config.quick, ctx.config.seed
     table = evaluate_cell_identity(model, data_dir, seeds=(seed,) if quick else (seed, seed + 1, seed + 2),
                                    max_cells=600 if quick else 1500)
     text = (
@@ -31,17 +36,17 @@ def cell_identity_section(model, data_dir, quick, seed):
         "embedding, as `sc.pp.neighbors(use_rep=...)` sees it) and logistic-regression accuracy of the "
         "frozen CLS embedding, next to an untrained model of the same shape (what pretraining added) "
         "and PCA of HVG log counts (2,000 HVGs, scaled, 50 PCs; scanpy when installed); mean "
-        "+- sd over CV seeds.\n\n" + identity_markdown(table) + "\n\nTargets (issue 8): "
+        "+- sd over CV seeds.\n\n" + identity_markdown(table) + "\n\nTargets: "
         + "; ".join(identity_targets(table)) + "."
     )
-    return text, {"table": table}
+    headline = Headline("cell identity (frozen CLS)", "15-NN accuracy, mean over data sets", table,
+                        "embedding", "knn_acc")
+    return SectionResult(text, {"table": table}, [headline])
 
 
-def annotation_section(model, data_dir, out, mode, quick, seed, progress):
-    from cellfm.tasks.annotation import evaluate_annotation
-    from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark
-    from cellfm.tasks.report_plots import confusion_matrix_plot, grouped_bars
-
+def annotation_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    mode, quick, seed, progress = cfg.annotation_mode, cfg.quick, cfg.seed, cfg.progress
     rows, res, text, n_types = [], {}, [], {}
     for ds in ANNOTATION_SETS:
         adata = load_benchmark(ds, data_dir)
@@ -97,40 +102,39 @@ def annotation_section(model, data_dir, out, mode, quick, seed, progress):
         + "\n\n"
         + figure_link(cm, "confusion matrix")
     )
-    return text, {"table": table, **res}
+    headline = Headline("annotation", "macro-F1, mean over data sets", table, "method", "macro_f1")
+    return SectionResult(text, {"table": table, **res}, [headline])
 
 
-def integration_section(model, data_dir, out, quick, seed, progress, finetune_epochs):
-    from cellfm.tasks.integration import build_pbmc_batches, evaluate_integration
-    from cellfm.tasks.integration_metrics import AGGREGATES
-    from cellfm.tasks.report_plots import embedding_maps, grouped_bars
-
+def integration_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    quick, seed, progress = cfg.quick, cfg.seed, cfg.progress
+    finetune_epochs = cfg.integration_finetune_epochs
     adata = build_pbmc_batches(data_dir, max_cells_per_batch=600 if quick else None, seed=seed)
-    r = evaluate_integration(adata, model, seed=seed, progress=progress, finetune_epochs=finetune_epochs,
-                             scvi_epochs=10 if quick else 20)
-    table = r["table"]
-    maps = embedding_maps(
-        r["embeddings"], adata.obs, ["coarse_type", "batch"], out / "integration_maps.png", seed
-    )
+    cfg = IntegrationConfig(finetune_epochs=finetune_epochs, scvi_epochs=10 if quick else 20, seed=seed)
+    r = evaluate_integration(adata, model, config=cfg, progress=progress)
+    table = r.table
+    maps = embedding_maps(r.embeddings, adata.obs, ["coarse_type", "batch"], out / "integration_maps.png",
+                          seed)
     long = table.melt(id_vars="method", value_vars=AGGREGATES, var_name="score")
     bars = grouped_bars(long, "score", "method", "value", out / "integration_bars.png",
                         "Batch integration (scIB aggregates)", (0, 1), ylabel="score (0 to 1)", best=1.0)
     counts = adata.obs.groupby("batch", observed=True).size().to_dict()
-    approximate = not r["scorer"].startswith("scib-metrics")
+    approximate = not r.scorer.startswith("scib-metrics")
     scorer = (
-        f"**Scores: {r['scorer']}** (a scikit-learn stand-in: not comparable with published "
+        f"**Scores: {r.scorer}** (a scikit-learn stand-in: not comparable with published "
         "scib-metrics numbers; `pip install 'cellfm[eval]'` for the real ones)"
         if approximate
-        else f"Scores: {r['scorer']}, default bio-conservation and batch-correction metrics, "
+        else f"Scores: {r.scorer}, default bio-conservation and batch-correction metrics, "
         "unscaled; Total = 0.4 batch correction + 0.6 bio conservation"
     )
-    ran = "\n".join(f"- **{m}**: {note}" for m, note in r["methods"].items())
+    ran = "\n".join(f"- **{m}**: {note}" for m, note in r.methods.items())
     text = (
         f"Batches = data sets {counts} on their {adata.n_vars} common genes; labels harmonised to coarse "
-        "types (`COARSE_TYPES` in tasks/integration.py). Every method embeds all cells; the scores use "
-        f"the {r['n_scored']} labelled ones (the celltypist sample has no labels). The batches differ in "
-        "biology too (different donors / label sets), so perfect mixing is not the goal: read batch and "
-        "bio scores together. "
+        "types (`COARSE_TYPES` in evaluation/pbmc_batches.py). Every method embeds all cells; the "
+        f"scores use the {r.n_scored} labelled ones (the celltypist sample has no labels). The batches "
+        "differ in biology too (different donors / label sets), so perfect mixing is not the goal: read "
+        "batch and bio scores together. "
         + (
             f"CellFM zero-shot, and after {finetune_epochs} epoch(s) of the official integration "
             "fine-tuning recipe (masked value reconstruction on half of each cell's genes + elastic "
@@ -146,29 +150,29 @@ def integration_section(model, data_dir, out, quick, seed, progress, finetune_ep
         + "\n\n"
         + figure_link(maps, "embedding maps")
     )
-    return text, {"table": table, "scorer": r["scorer"], "methods": r["methods"]}
+    metric = "Total (approximate, no scib-metrics)" if approximate else "scib-metrics Total"
+    headline = Headline("integration", metric, table, "method", "Total")
+    return SectionResult(text, {"table": table, "scorer": r.scorer, "methods": r.methods}, [headline])
 
 
-def perturbation_section(model, data_dir, out, reference, seed, quick=False, progress=True):
+def perturbation_section(ctx: RunContext) -> SectionResult:
     """GEARS, GEARS + CellFM and the simple baselines when GEARS is installed, else the fast
     gene-embedding predictors (and the text says which ran)."""
-    from cellfm.tasks.benchmark_data import benchmark_path, load_benchmark
-    from cellfm.tasks.perturbation_gears import require_gears
+    model, data_dir, out, cfg = ctx.model, ctx.data_dir, ctx.out, ctx.config
+    quick, seed, progress = cfg.quick, cfg.seed, cfg.progress
 
     adata = load_benchmark("papalexi", data_dir)
     try:
         require_gears()
     except ImportError as err:
-        text, result = _perturbation_embedding_section(model, adata, out, reference, seed)
-        return f"GEARS did not run ({err}).\n\n" + text, result
-    from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
-    from cellfm.tasks.perturbation_gears import GearsConfig
-    from cellfm.tasks.report_plots import grouped_bars
+        res = _perturbation_embedding_section(ctx, adata)
+        res.text = f"GEARS did not run ({err}).\n\n" + res.text
+        return res
 
     cells = 40 if quick else 200  # GEARS on a CPU: minutes per split at 200 cells per condition
     cfg = GearsConfig(epochs=2 if quick else GearsConfig.epochs, max_cells_per_condition=cells)
     seeds = (seed + 1,) if quick else (seed + 1, seed + 2, seed + 3)
-    go_dir = benchmark_path("papalexi", data_dir).parents[1] / "go_annotations_org_hs_eg_db"
+    go_dir = data_dir / "go_annotations_org_hs_eg_db"
     r = evaluate_perturbation_gears(adata, model, go_dir, seeds=seeds, config=cfg,
                                     log=print if progress else (lambda *_: None))
     table = r["table"]
@@ -196,13 +200,14 @@ def perturbation_section(model, data_dir, out, reference, seed, quick=False, pro
         + "\n\n"
         + figure_link(bars, "perturbation bars")
     )
-    return text, {"table": table, "per_perturbation": r["per_perturbation"], "method": "gears"}
+    headline = Headline("perturbation (unseen knock-outs)", "Pearson of Δ, top-20 DE genes", table,
+                        "method", "pearson_delta_de", lambda name: "CellFM" in name)
+    record = {"table": table, "per_perturbation": r["per_perturbation"], "method": "gears"}
+    return SectionResult(text, record, [headline])
 
 
-def _perturbation_embedding_section(model, adata, out, reference, seed):
-    from cellfm.tasks.perturbation import evaluate_perturbation
-    from cellfm.tasks.report_plots import grouped_bars
-
+def _perturbation_embedding_section(ctx: RunContext, adata) -> SectionResult:
+    model, out, reference, seed = ctx.model, ctx.out, ctx.reference(), ctx.config.seed
     r = evaluate_perturbation(adata, model, reference=reference, seed=seed)
     table = r["table"]
     long = table.melt(id_vars="method", value_vars=["pearson_all", "pearson_top_de"], var_name="metric")
@@ -230,18 +235,19 @@ def _perturbation_embedding_section(model, adata, out, reference, seed):
         + "\n\n"
         + figure_link(bars, "perturbation bars")
     )
-    return text, {"table": table, "per_perturbation": r["per_perturbation"], "method": "embedding"}
+    headline = Headline("perturbation", "Pearson, top-20 DE genes", table, "method", "pearson_top_de")
+    record = {"table": table, "per_perturbation": r["per_perturbation"], "method": "embedding"}
+    return SectionResult(text, record, [headline])
 
 
-def gene_function_section(model, data_dir, out, reference, quick, seed, progress):
-    from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
-    from cellfm.tasks.report_plots import grouped_bars
-
+def gene_function_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, reference = ctx.model, ctx.data_dir, ctx.out, ctx.reference()
+    quick, seed, progress = ctx.config.quick, ctx.config.seed, ctx.config.progress
     binary = evaluate_binary_tasks(model, data_dir=data_dir, reference=reference,
                                    tasks=list(PAPER_BINARY_TASKS), seed=seed, progress=progress)
     go = evaluate_go_terms(model, data_dir=data_dir, reference=reference, seed=seed, progress=progress,
                            max_genes=1500 if quick else 3000)
-    go_sum = go["summary"]
+    go_sum = go.summary
     both = pd.concat([
         binary.assign(panel=binary["task"] + " (AUROC)")[["panel", "method", "auroc"]],
         go_sum.assign(panel="GO " + go_sum["ontology"] + " (AUPR)")[["panel", "method", "aupr"]]
@@ -267,16 +273,17 @@ def gene_function_section(model, data_dir, out, reference, quick, seed, progress
         + "\n\n"
         + figure_link(bars, "gene function bars")
     )
-    return text, {"binary": binary, "go": go_sum, "go_terms": go["terms"]}
+    headlines = [Headline("gene function (binary)", "AUROC, mean over tasks", binary, "method", "auroc"),
+                 Headline("gene function (GO)", "AUPR, mean over BP/MF/CC", go_sum, "method", "aupr")]
+    return SectionResult(text, {"binary": binary, "go": go_sum, "go_terms": go.terms}, headlines)
 
 
-def gene_network_section(model, data_dir, out, reference, seed, progress):
-    from cellfm.tasks.gene_network import evaluate_gene_network
-    from cellfm.tasks.report_plots import grouped_bars
-
+def gene_network_section(ctx: RunContext) -> SectionResult:
+    model, data_dir, out, reference = ctx.model, ctx.data_dir, ctx.out, ctx.reference()
+    seed, progress = ctx.config.seed, ctx.config.progress
     r = evaluate_gene_network(model, data_dir=data_dir, reference=reference, seed=seed, progress=progress)
-    table = r["table"]
-    r["neighbours"].to_csv(out / "gene_neighbours_top10.tsv", sep="\t", index=False)
+    table = r.table
+    r.neighbours.to_csv(out / "gene_neighbours_top10.tsv", sep="\t", index=False)
     bars = grouped_bars(
         table,
         "annotation",
@@ -289,7 +296,7 @@ def gene_network_section(model, data_dir, out, reference, seed, progress):
         chance_label="random pairs (1x)",
     )
     text = (
-        f"{r['n_genes']} genes (vocabulary genes with a GO BP annotation, detected in >= 5 % of PBMC 4k "
+        f"{r.n_genes} genes (vocabulary genes with a GO BP annotation, detected in >= 5 % of PBMC 4k "
         "cells). For each gene its 10 nearest genes by cosine similarity; share = fraction of those pairs "
         "with a common GO BP term (terms of 5-500 genes, propagated) or Reactome pathway (5-500 genes); "
         "random = the same for 50,000 random pairs of the same genes; p_permutation from 50 shuffles of "
@@ -299,4 +306,6 @@ def gene_network_section(model, data_dir, out, reference, seed, progress):
         + "\n\n"
         + figure_link(bars, "gene network bars")
     )
-    return text, {"table": table}
+    headline = Headline("gene network (GO BP)", "fold enrichment", table[table["annotation"] == "GO BP"],
+                        "method", "fold_enrichment")
+    return SectionResult(text, {"table": table}, [headline])
