@@ -15,6 +15,7 @@ import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,9 @@ def build_corpus_from_soma(
         for job in _progress(jobs, progress):
             errors.append(_build_part(*job))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
+        # spawn, not fork: a forked child inherits TileDB's thread pool locks and can hang
+        spawn = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=spawn) as pool:
             futs = [pool.submit(_build_part, *job) for job in jobs]
             errors += [f.result() for f in _progress(futs, progress)]
     errors = [e for e in errors if e]
@@ -114,6 +117,8 @@ def build_corpus_from_soma(
     report.update(status="added", shards=",".join(n for n, _, _ in shards))
     manifest = _finish(manifest, out, key, report, shards, fingerprint, n_cells=sel.n_cells)
     shutil.rmtree(parts_dir, ignore_errors=True)
+    if not any(parts_dir.parent.iterdir()):
+        parts_dir.parent.rmdir()
     return manifest
 
 
