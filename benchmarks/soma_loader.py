@@ -78,13 +78,13 @@ def main() -> None:
               f"({m.n_cells / build_s:,.0f} cells/s, 1 process)")
         print(f"{'source':<28}{'workers':>8}{'start s':>9}{'cells/s':>11}{'tokens/s':>13}{'cells':>8}")
         for w in args.workers:
-            for name, make in [
-                ("arrow shards (CorpusLoader)",
-                 lambda w=w: CorpusLoader(CorpusDataset(tmp / "corpus", batch_size=args.batch_size), num_workers=w)),
-                ("SOMA (tiledbsoma-ml)",
-                 lambda w=w: SomaStreamLoader(SomaStreamDataset(q, batch_size=args.batch_size), num_workers=w)),
-            ]:
-                start, steady, cells, tokens, first = _epoch(make())
+            for name in ("arrow shards (CorpusLoader)", "SOMA (tiledbsoma-ml)"):
+                if name.startswith("arrow"):
+                    ds = CorpusDataset(tmp / "corpus", batch_size=args.batch_size)
+                    loader = CorpusLoader(ds, num_workers=w)
+                else:
+                    loader = SomaStreamLoader(SomaStreamDataset(q, batch_size=args.batch_size), num_workers=w)
+                start, steady, cells, tokens, first = _epoch(loader)
                 print(f"{name:<28}{w:>8}{start:>9.1f}{cells / steady:>11,.0f}{tokens / steady:>13,.0f}"
                       f"{cells + first:>8}")
 

@@ -125,11 +125,11 @@ def test_pretraining_killed_mid_checkpoint_resumes_bitwise(target, after, after_
 def test_soma_corpus_build_killed_mid_shard_resumes(shared_data, tmp_path):
     exp = write_soma_experiment(cells_for_soma(shared_data, per_dataset=120), tmp_path / "exp")
     argv = ["corpus", "build", str(exp), "-o", str(tmp_path / "c"), "-j", "1", "--shard-cells", "60"]
-    # the third part is killed after its first rows are in its temporary shard file
-    _run_killed(argv + ["--max-genes", "0"], "cellfm.corpus.shards:ShardWriter.write", tmp_path / "marker",
+    # killed in the third part, its temporary shard file open and its rows about to be written
+    _run_killed(argv + ["--max-genes", "0"], "cellfm.corpus.shards:_record_batch", tmp_path / "marker",
                 after=True, after_calls=2)
     c = tmp_path / "c"
-    assert list(c.glob(".*.arrow.tmp")) and not (c / "manifest.json").exists()
+    assert list(c.glob(".*.arrow.tmp")) and not (c / "manifest.json").exists(), sorted(os.listdir(c))
     finished = {p.name: p.stat().st_mtime_ns for p in c.glob("*.arrow")}
     assert len(finished) == 2
     _cli(argv + ["--max-genes", "0"])
