@@ -88,17 +88,7 @@ def build_corpus(
     >>> m.report[["input", "status", "cells_kept"]]  # doctest: +SKIP
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    vocabulary = load_vocabulary(vocab)
-    vdesc = describe_vocabulary(vocabulary)
-    filters = {"min_genes": min_genes, "max_genes": max_genes}
-    if (out / MANIFEST_NAME).exists():
-        manifest = CorpusManifest.load(out)
-        if manifest.vocabulary["sha256"] != vdesc["sha256"] or manifest.filters != filters:
-            raise ValueError(f"{out} was built with vocabulary {manifest.vocabulary['name']} and "
-                             f"filters {manifest.filters}; cannot add with {vdesc['name']} / {filters}")
-    else:
-        manifest = CorpusManifest(vocabulary=vdesc, filters=filters)
+    vocabulary, manifest = open_corpus(out, vocab, min_genes, max_genes)
     opts = BuildOptions(vocabulary, min_genes, max_genes, chunk_cells, shard_cells, batch_key,
                         tuple(label_keys) if label_keys is not None else None)
 
@@ -110,7 +100,7 @@ def build_corpus(
         if old and old["report"]["status"] == "added" and (old["size"], old["mtime_ns"]) == st:
             continue
         if old and old["report"]["status"] == "added":  # the file changed: rebuild it
-            _drop_input(manifest, out, key)
+            drop_input(manifest, out, key)
         todo.append(path)
 
     results = []
@@ -124,7 +114,7 @@ def build_corpus(
                 try:
                     results.append(f.result())
                 except Exception as e:  # noqa: BLE001 — a crashed worker (e.g. a segfault in a reader)
-                    report = _empty_report(futs[f])
+                    report = empty_report(futs[f])
                     report.update(status="skipped", reason=f"worker failed: {type(e).__name__}: {e}"[:500])
                     results.append({"report": report, "shards": [], "stat": (0, 0)})
     # input order, not completion order, so the corpus is the same whatever the scheduling
@@ -133,9 +123,31 @@ def build_corpus(
         key = r["report"]["input"]
         manifest.inputs[key] = {"size": r["stat"][0], "mtime_ns": r["stat"][1], "report": r["report"]}
         manifest.shards.extend(ShardInfo(n, c, h, key) for n, c, h in r["shards"])
+    save_corpus(manifest, out)
+    return manifest
+
+
+def open_corpus(out: Path, vocab: object, min_genes: int, max_genes: int | None
+                ) -> tuple[object, CorpusManifest]:
+    """(vocabulary, manifest) of the corpus folder `out`, created if new; an existing corpus must
+    use the same vocabulary and filters."""
+    out.mkdir(parents=True, exist_ok=True)
+    vocabulary = load_vocabulary(vocab)
+    vdesc = describe_vocabulary(vocabulary)
+    filters = {"min_genes": min_genes, "max_genes": max_genes}
+    if not (out / MANIFEST_NAME).exists():
+        return vocabulary, CorpusManifest(vocabulary=vdesc, filters=filters)
+    manifest = CorpusManifest.load(out)
+    if manifest.vocabulary["sha256"] != vdesc["sha256"] or manifest.filters != filters:
+        raise ValueError(f"{out} was built with vocabulary {manifest.vocabulary['name']} and "
+                         f"filters {manifest.filters}; cannot add with {vdesc['name']} / {filters}")
+    return vocabulary, manifest
+
+
+def save_corpus(manifest: CorpusManifest, out: Path) -> None:
+    """manifest.json (atomic) and report.tsv."""
     manifest.save(out)
     manifest.report.to_csv(out / "report.tsv", sep="\t", index=False)
-    return manifest
 
 
 FOLDER_SUFFIXES = (".h5ad", ".h5", ".loom")  # text tables are too ambiguous to pick up unasked
@@ -170,7 +182,7 @@ def _stat(path: Path) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _drop_input(manifest: CorpusManifest, out: Path, key: str) -> None:
+def drop_input(manifest: CorpusManifest, out: Path, key: str) -> None:
     for s in [s for s in manifest.shards if s.source == key]:
         (out / s.file).unlink(missing_ok=True)
     manifest.shards = [s for s in manifest.shards if s.source != key]
@@ -185,7 +197,7 @@ def _progress(it, on: bool, total: int | None = None):
     return tqdm(it, total=total, desc="corpus inputs", unit="file")
 
 
-def _empty_report(path: Path) -> dict:
+def empty_report(path: Path) -> dict:
     r = {c: 0 for c in REPORT_COLUMNS}
     r.update(input=str(path), format="", status="", reason="", counts_from="", shards="")
     return r
@@ -198,7 +210,7 @@ def _shard_prefix(path: Path) -> str:
 
 def _process_input(path: Path, out: Path, opts: BuildOptions) -> dict:
     """Build the shards of one input. Never raises: failures become a 'skipped' report row."""
-    report = _empty_report(path)
+    report = empty_report(path)
     stat = _stat(path) if path.exists() else (0, 0)
     writer = ShardWriter(out, _shard_prefix(path), opts.shard_cells, source=str(path))
     try:
@@ -229,7 +241,16 @@ def _gene_columns(src: CountSource, vocabulary: object) -> tuple[np.ndarray, np.
 
 def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict) -> None:
     src = open_source(path, gene_score=lambda names: int((token_ids_for(names, opts.vocab) > 0).sum()))
-    report.update(format=src.fmt, counts_from=src.counts_from, genes_in_file=len(src.var_names))
+    report.update(format=src.fmt, counts_from=src.counts_from)
+    cols, tokens = check_genes(src, opts, report)
+    write_cells(src, cols, tokens, opts, writer, report, source_name=os.path.basename(str(path)),
+                default_batch=Path(path).name.split(".")[0])
+
+
+def check_genes(src: CountSource, opts: BuildOptions, report: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The source's columns to keep and their token ids; raises when it is not human or its
+    identifiers are unknown. Fills `genes_in_file` / `genes_matched` of `report`."""
+    report["genes_in_file"] = len(src.var_names)
     if mouse_case_fraction(src.var_names) > 0.5:  # before mapping, which ignores case
         raise ValueError("gene symbols are in mouse case (e.g. Actb): not human")
     cols, tokens = _gene_columns(src, opts.vocab)
@@ -239,13 +260,22 @@ def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict
     if len(cols) < MIN_MATCHED_FRACTION * len(src.var_names):
         raise ValueError(f"only {len(cols)} of {len(src.var_names)} identifiers match the vocabulary "
                          "(not human, or unknown identifiers)")
+    return cols, tokens
+
+
+def write_cells(src: CountSource, cols: np.ndarray, tokens: np.ndarray, opts: BuildOptions,
+                writer: ShardWriter, report: dict, *, source_name: str, default_batch: str,
+                source_rows: np.ndarray | None = None) -> None:
+    """Stream `src` in chunks: check counts, scale libraries, keep matched genes and the cells
+    that pass the filters, write them. `source_rows` (n_cells,) replaces the row number stored per
+    cell (a SOMA part stores each cell's soma_joinid)."""
     labels = src.obs
     if opts.label_keys is not None:
         labels = labels[[k for k in opts.label_keys if k in labels.columns]]
     if opts.batch_key is not None and opts.batch_key in src.obs.columns:
         batch_col = src.obs[opts.batch_key].to_numpy()
     else:
-        batch_col = np.full(src.n_cells, Path(path).name.split(".")[0], dtype=object)
+        batch_col = np.full(src.n_cells, default_batch, dtype=object)
     label_records = labels.to_dict("records") if len(labels.columns) else [{}] * src.n_cells
 
     for start, chunk in src.chunks(opts.chunk_cells):
@@ -278,9 +308,9 @@ def _build_one(path: Path, opts: BuildOptions, writer: ShardWriter, report: dict
             gene_ids=tokens[k.indices],
             counts=k.data,
             cell_id=[str(src.cell_ids[i]) for i in src_rows],
-            source_row=src_rows.astype(np.int64),
+            source_row=(src_rows if source_rows is None else source_rows[src_rows]).astype(np.int64),
             batch=[str(batch_col[i]) for i in src_rows],
             labels=[label_records[i] for i in src_rows],
             raw_total=total[rows],
-            source=os.path.basename(str(path)),
+            source=source_name,
         ))

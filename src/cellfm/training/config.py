@@ -76,6 +76,10 @@ class TrainConfig:
     probe_files: list[str] = field(default_factory=list)
     probe_label_key: str | list[str] = "cell_type"
     probe_max_cells: int = 2000
+    # read batches straight from a SOMA query instead of corpus_dir (keys of cellfm.corpus.soma.SomaQuery:
+    # uri or census_version, measurement, layer, obs_filter; plus min_genes, io_batch_size,
+    # shuffle_chunk_size); import once with `cellfm corpus build` and train from shards when you can
+    soma: dict[str, Any] = field(default_factory=dict)
     stop_after_steps: int | None = None  # stop (as if killed) after this step; for resume tests
     progress: bool = True
 
@@ -130,6 +134,8 @@ class TrainConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"{source}: unknown keys {unknown}; known keys: {sorted(known)}")
+        if data.get("soma"):  # a SOMA source stands in for the corpus folder
+            data = {"corpus_dir": "", **data}
         missing = [k for k in ("corpus_dir", "out_dir") if k not in data]
         if missing:
             raise ValueError(f"{source}: missing required keys {missing}")
@@ -147,7 +153,7 @@ class TrainConfig:
             raise ValueError(f"{path} is not valid TOML: {err}") from err
         data.update(overrides)
         for key in ("corpus_dir", "out_dir"):
-            if key in data and not Path(data[key]).expanduser().is_absolute():
+            if data.get(key) and not Path(data[key]).expanduser().is_absolute():
                 data[key] = str((path.parent / data[key]).resolve())
         data["probe_files"] = [f if Path(f).expanduser().is_absolute() else str((path.parent / f).resolve())
                                for f in data.get("probe_files", [])]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from cellfm.corpus.soma import SomaQuery
+from cellfm.corpus.soma_stream import SomaStreamDataset, SomaStreamLoader
 from cellfm.distributed import all_reduce_sum, barrier
 from cellfm.training.checkpoint import (
     checkpoint_dirs,
@@ -96,6 +98,21 @@ def load_probes(cfg: TrainConfig, mc) -> list:
             for f, key in zip(cfg.probe_files, cfg.probe_label_keys(), strict=True)]
 
 
+def soma_source(cfg: TrainConfig, mc) -> tuple[SomaStreamDataset, SomaStreamLoader, SomaStreamDataset | None]:
+    """(train dataset, its loader, held-out dataset or None) read straight from `cfg.soma`."""
+    opts = dict(cfg.soma)
+    stream = {k: opts.pop(k) for k in ("min_genes", "io_batch_size", "shuffle_chunk_size") if k in opts}
+    query = SomaQuery(**opts)
+    kw = dict(vocab=mc.vocabulary, seed=cfg.seed, batch_size=cfg.batch_size, max_genes=mc.max_genes, **stream)
+    dataset = SomaStreamDataset(query, mask_ratio=mc.mask_ratio, hide_fraction=mc.hide_fraction,
+                                split="train" if cfg.val_fraction else "all", val_fraction=cfg.val_fraction,
+                                **kw)
+    val_ds = None
+    if cfg.val_fraction:
+        val_ds = SomaStreamDataset(query, split="val", val_fraction=cfg.val_fraction, shuffle=False, **kw)
+    return dataset, SomaStreamLoader(dataset, num_workers=cfg.num_workers), val_ds
+
+
 def pretrain(cfg: TrainConfig) -> Path:
     """Train as configured; returns `out_dir/model` (the exported CellFM folder)."""
     from cellfm.corpus import CorpusDataset, CorpusLoader
@@ -125,22 +142,25 @@ def pretrain(cfg: TrainConfig) -> Path:
     optimizer, scheduler = make_optimizer(module, cfg)  # `module`: the parameter names, also under DDP
     autocast_dtype = torch.bfloat16 if cfg.bf16 and env.device.type == "cuda" else None
 
-    dataset = CorpusDataset(cfg.corpus_dir, seed=cfg.seed, epoch=0, rank=env.rank, world_size=env.world_size,
-                            batch_size=cfg.batch_size, max_genes=mc.max_genes, mask_ratio=mc.mask_ratio,
-                            hide_fraction=mc.hide_fraction, split="train" if cfg.val_fraction else "all",
-                            val_fraction=cfg.val_fraction, mix_shards=cfg.mix_shards,
-                            unexpressed_ratio=cfg.unexpressed_ratio)
+    if cfg.soma:
+        dataset, loader, val_ds = soma_source(cfg, mc)
+    else:
+        dataset = CorpusDataset(cfg.corpus_dir, seed=cfg.seed, epoch=0, rank=env.rank,
+                                world_size=env.world_size, batch_size=cfg.batch_size, max_genes=mc.max_genes,
+                                mask_ratio=mc.mask_ratio, hide_fraction=mc.hide_fraction,
+                                split="train" if cfg.val_fraction else "all", val_fraction=cfg.val_fraction,
+                                mix_shards=cfg.mix_shards, unexpressed_ratio=cfg.unexpressed_ratio)
+        loader = CorpusLoader(dataset, num_workers=cfg.num_workers)
+        val_ds = None
+        if cfg.val_fraction:
+            val_ds = held_out_dataset(cfg.corpus_dir, batch_size=cfg.batch_size,
+                                      val_fraction=cfg.val_fraction, max_genes=mc.max_genes, rank=env.rank,
+                                      world_size=env.world_size, seed=cfg.seed)
     if dataset.batches_per_rank == 0:
-        raise ValueError(f"corpus {cfg.corpus_dir} has {dataset.n_cells} training cells: too few for "
-                         f"batch_size={cfg.batch_size} x {env.world_size} processes; lower batch_size")
-    loader = CorpusLoader(dataset, num_workers=cfg.num_workers)
-    val_ds = None
-    if cfg.val_fraction:
-        val_ds = held_out_dataset(cfg.corpus_dir, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
-                                  max_genes=mc.max_genes, rank=env.rank, world_size=env.world_size,
-                                  seed=cfg.seed)
-        if val_ds.batches_per_rank == 0:
-            val_ds = None
+        raise ValueError(f"corpus {cfg.corpus_dir or cfg.soma} has {dataset.n_cells} training cells: too few "
+                         f"for batch_size={cfg.batch_size} x {env.world_size} processes; lower batch_size")
+    if val_ds is not None and val_ds.batches_per_rank == 0:
+        val_ds = None
 
     step, tokens_seen, tokens_local, elapsed_before = 0, 0, 0, 0.0
     found = checkpoint_dirs(ckpt_root)
