@@ -108,6 +108,8 @@ def _register() -> None:
         app.add_typer(_plain(m.app), name="annotate", help="Cell type annotation.")
     if (m := module("perturb")) is not None:
         app.command("perturb", cls=Command)(m.perturb)
+    if (m := module("response")) is not None:
+        app.command("response", cls=Command)(m.response)
     if (m := module("analysis")) is not None:
         for name in ("integrate", "gene_function", "gene_network", "evaluate"):
             app.command(name.replace("_", "-"), cls=Command)(getattr(m, name))
