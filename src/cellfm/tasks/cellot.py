@@ -79,7 +79,9 @@ def fit_cellot(source: np.ndarray, target: np.ndarray, cfg: CellOTConfig | None 
     gen = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     both = np.concatenate([source, target])
-    mean, scale = both.mean(0), both.std() + 1e-8  # one scale: the map stays a gradient
+    mean = both.mean(0)
+    scale = np.sqrt(((both - mean) ** 2).mean()) + 1e-8  # one scale (the map stays a gradient), of the
+    # centred cells: embeddings with large per-dimension offsets keep their cell-to-cell spread
     X = torch.as_tensor((source - mean) / scale, dtype=torch.float32)
     Y = torch.as_tensor((target - mean) / scale, dtype=torch.float32)
     f, g = ICNN(X.shape[1], cfg.hidden), ICNN(X.shape[1], cfg.hidden)
