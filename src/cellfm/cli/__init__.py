@@ -13,7 +13,7 @@ from typer.core import TyperCommand
 
 from cellfm import __version__
 from cellfm.cellfm import PRETRAINED_DIR
-from cellfm.cli import analysis, annotate, convert, corpus, demo, download, embed, perturb, pretrain
+from cellfm.cli import analysis, annotate, convert, corpus, demo, download, embed, perturb, pretrain, response
 from cellfm.cli.console import make_console, one_line_warnings
 from cellfm.config import PRESETS
 
@@ -95,6 +95,7 @@ def _register() -> None:
     app.add_typer(_plain(corpus.app), name="corpus", help="Build and inspect pretraining corpora.")
     app.add_typer(_plain(annotate.app), name="annotate", help="Cell type annotation.")
     app.command("perturb", cls=Command)(perturb.perturb)
+    app.command("response", cls=Command)(response.response)
     for name in ("integrate", "gene_function", "gene_network", "evaluate"):
         app.command(name.replace("_", "-"), cls=Command)(getattr(analysis, name))
 

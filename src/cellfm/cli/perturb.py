@@ -106,7 +106,7 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
                 r = evaluate_perturbation_gears(
                     adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
                     condition_key=condition_key, control=control, size_factor_key=size_factor_key,
-                    reverse=reverse, log=typer.echo,
+                    reverse=reverse, celleval_dir=output / "cell_eval", log=typer.echo,
                 )
     except (KeyError, ValueError, FileNotFoundError) as err:
         fail(err.args[0], 2)
@@ -118,15 +118,18 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
         return
     write_tsv(r.table, output / "perturbation_scores.tsv")
     write_tsv(r.per_perturbation, output / "perturbation_per_knockout.tsv")
-    md = perturbation_markdown(r.table) + "\n"
+    md = perturbation_markdown(r.table, r.celleval_note) + "\n"
     if r.reverse is not None:
         write_tsv(r.reverse, output / "reverse_perturbation.tsv")
         write_tsv(r.reverse_per_perturbation, output / "reverse_per_knockout.tsv")
         md += ("\n## Reverse perturbation (top-k accuracy, mean ± sd over splits)\n\n"
                + reverse_markdown(r.reverse) + "\n")
     write_text(output / "perturbation_scores.md", md)
-    print_table(r.table[["method", "pearson_delta", "pearson_delta_de", "mse_de"]],
+    shown = ["method", "pearson_delta", "pearson_delta_de", "mse_de"]
+    shown += [c for c in ("ce_overlap_at_N", "ce_discrimination_score_l1", "ce_mae") if c in r.table]
+    print_table(r.table[shown],
                  f"unseen knock-outs, GEARS simulation split x {splits} (mean over knock-outs and splits)")
+    typer.echo(r.celleval_note or f"cell-eval layout (real.h5ad, pred_<method>.h5ad): {output / 'cell_eval'}")
     if r.reverse is not None:
         print_table(r.reverse[["method", "top1", "top3", "top10", "chance_top1", "chance_top10"]],
                     "reverse perturbation: is the true knock-out among the k closest predictions?")

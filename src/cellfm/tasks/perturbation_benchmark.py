@@ -25,6 +25,14 @@ from cellfm.tasks.gears_cell_tokens import attach_control_index, control_gene_to
 from cellfm.tasks.go_graph import load_gene2go
 from cellfm.tasks.perturbation import Screen, perturbation_gene_features, read_screen, similarity_predict
 from cellfm.tasks.perturbation_baselines import go_gene_embedding, linear_model_predict
+from cellfm.tasks.perturbation_celleval import (
+    CELLEVAL_METRICS,
+    NOT_INSTALLED,
+    celleval_available,
+    celleval_layout,
+    celleval_scores,
+    write_celleval_layout,
+)
 from cellfm.tasks.perturbation_gears import (
     GearsConfig,
     _quiet,
@@ -66,6 +74,7 @@ class GearsBenchmarkResult:
     seeds: tuple[int, ...]
     reverse: pd.DataFrame | None = None
     reverse_per_perturbation: pd.DataFrame | None = None
+    celleval_note: str | None = None  # why the cell-eval columns are missing (None: present)
 
     def __getitem__(self, key: str):  # callers written for the former dict keep working
         return getattr(self, key)
@@ -83,16 +92,20 @@ def evaluate_perturbation_gears(
     control: str = "ctrl",
     size_factor_key: str | None = None,
     reverse: bool = True,
+    celleval_dir: str | Path | None = None,
     log=print,
 ) -> GearsBenchmarkResult:
     """Scores of every method on GEARS' simulation split for each seed in `seeds`.
 
     `size_factor_key`: obs column of each cell's full-transcriptome count (a targeted panel's own
     total is a poor size factor); None: the panel's total. `reverse`: also rank every candidate
-    perturbation against each unseen observed profile (perturbation_reverse).
+    perturbation against each unseen observed profile (perturbation_reverse). With cell-eval
+    installed its metrics join the table (`ce_*` columns); `celleval_dir`: where each split's real
+    and predicted cells are written in cell-eval's layout (`seed<k>/`).
     """
     require_gears()
     cfg = config or GearsConfig()
+    use_ce = celleval_available()
     tmp = tempfile.TemporaryDirectory(prefix="cellfm-gears-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
@@ -142,8 +155,17 @@ def evaluate_perturbation_gears(
                 log(f"seed {seed}: {name} trained in {time.time() - t0:.0f} s")
                 if not np.allclose(gears_truth.loc[test].to_numpy(), truth.to_numpy(), atol=1e-4):
                     raise RuntimeError("GEARS' test cells differ from the test conditions' cells")
+            ce = None
+            if use_ce or celleval_dir is not None:
+                real, ce_preds = celleval_layout(pert_data.adata, test, "ctrl", preds, seed=seed)
+                if celleval_dir is not None:
+                    write_celleval_layout(real, ce_preds, Path(celleval_dir) / f"seed{seed}")
+                if use_ce:
+                    ce = celleval_scores(real, ce_preds, "ctrl").set_index(["method", "perturbation"])
             for name, pred in preds.items():
                 per = score_profiles(pred, truth, ctrl_mean, de)
+                if ce is not None:
+                    per = per.join(ce.loc[name], on="perturbation")
                 per.insert(0, "seed", seed)
                 per.insert(0, "method", name)
                 rows.append(per)
@@ -159,7 +181,8 @@ def evaluate_perturbation_gears(
     per = pd.concat(rows, ignore_index=True)
     rev = pd.concat(rev_rows, ignore_index=True) if rev_rows else None
     return GearsBenchmarkResult(summarise(per), per, cfg, tuple(seeds),
-                                summarise_reverse(rev) if rev is not None else None, rev)
+                                summarise_reverse(rev) if rev is not None else None, rev,
+                                None if use_ce else NOT_INSTALLED)
 
 
 def _known_targets(screen: Screen, gene2go: dict, log) -> Screen:
@@ -177,7 +200,8 @@ def _known_targets(screen: Screen, gene2go: dict, log) -> Screen:
 
 def summarise(per: pd.DataFrame) -> pd.DataFrame:
     """Mean over perturbations within a seed, then mean and sd over seeds, per method."""
-    by_seed = per.groupby(["method", "seed"], sort=False)[METRICS].mean()
+    cols = METRICS + [f"ce_{m}" for m in CELLEVAL_METRICS if f"ce_{m}" in per.columns]
+    by_seed = per.groupby(["method", "seed"], sort=False)[cols].mean()
     mean = by_seed.groupby(level=0, sort=False).mean()
     sd = by_seed.groupby(level=0, sort=False).std(ddof=0).add_suffix("_sd")
     out = pd.concat([mean, sd], axis=1)
@@ -224,12 +248,17 @@ def _standardise(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.nd
     return (train - mu) / sd, (test - mu) / sd
 
 
-def perturbation_markdown(table: pd.DataFrame) -> str:
-    """The summary table as Markdown, mean ± sd over split seeds."""
-    head = ("| method | Pearson Δ, all genes ↑ | Pearson Δ, top-20 DE ↑ | MSE, top-20 DE ↓ |\n"
-            "|---|---|---|---|")
-    lines = [head]
+def perturbation_markdown(table: pd.DataFrame, celleval_note: str | None = None) -> str:
+    """The summary table as Markdown, mean ± sd over split seeds; cell-eval's columns when they
+    were computed, else a line saying why not."""
+    ce = [f"ce_{m}" for m in CELLEVAL_METRICS if f"ce_{m}" in table.columns]
+    names = ["Pearson Δ, all genes ↑", "Pearson Δ, top-20 DE ↑", "MSE, top-20 DE ↓",
+             *(f"cell-eval {CELLEVAL_METRICS[c[3:]]}" for c in ce)]
+    lines = ["| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for _, r in table.iterrows():
-        cells = [f"{r[m]:.3f} ± {r[m + '_sd']:.3f}" if np.isfinite(r[m]) else "n/a (Δ = 0)" for m in METRICS]
+        cells = [f"{r[m]:.3f} ± {r[m + '_sd']:.3f}" if np.isfinite(r[m]) else "n/a (Δ = 0)"
+                 for m in METRICS + ce]
         lines.append(f"| {r['method']} | " + " | ".join(cells) + " |")
+    if not ce:
+        lines.append(f"\n{celleval_note or NOT_INSTALLED}: no DES, PDS, MAE or rank-based scores.")
     return "\n".join(lines)
