@@ -6,6 +6,11 @@ takes `inner` steps on g, minimising f(T(x)) - <x, T(x)>, then one step on f, mi
 f(y) - f(T(x)); hidden-state weights are clamped non-negative after each step (convexity).
 Adam with betas (0.5, 0.9) as CellOT configures it. Features are standardised with the training
 cells' pooled mean and scale, and the map is applied in that frame.
+
+Inputs wider than `n_components` are first projected on the leading principal components of the
+training cells (and predictions mapped back): foundation-model embeddings are nearly degenerate,
+and on cellfm-mini's 128-d CLS of Papalexi cells a full-width map diverged (predicted mean 8.4
+from the observed one where the whole effect is 0.28; in 30 components 0.13, the mean shift 0.13).
 """
 
 from __future__ import annotations
@@ -59,18 +64,24 @@ class CellOTConfig:
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
+    n_components: int | None = 30  # None: the map acts on every input dimension
 
 
 class CellOTMap:
     """A fitted transport map: `predict(x)` sends control cells (n, d) to predicted treated cells."""
 
-    def __init__(self, g: ICNN, mean: np.ndarray, scale: np.ndarray) -> None:
-        self.g, self.mean, self.scale = g.eval(), mean, scale
+    def __init__(self, g: ICNN, mean: np.ndarray, scale: np.ndarray, basis: np.ndarray | None = None) -> None:
+        self.g, self.mean, self.scale, self.basis = g.eval(), mean, scale, basis
 
     def predict(self, x: np.ndarray) -> np.ndarray:
-        z = torch.as_tensor((x - self.mean) / self.scale, dtype=torch.float32)
-        out = self.g.transport(z).detach().numpy()
-        return out * self.scale + self.mean
+        x = x - self.mean
+        if self.basis is not None:
+            x = x @ self.basis.T  # (n, k) principal coordinates
+        z = torch.as_tensor(x / self.scale, dtype=torch.float32)
+        out = self.g.transport(z).detach().numpy() * self.scale
+        if self.basis is not None:
+            out = out @ self.basis
+        return out + self.mean
 
 
 def fit_cellot(source: np.ndarray, target: np.ndarray, cfg: CellOTConfig | None = None) -> CellOTMap:
@@ -80,10 +91,15 @@ def fit_cellot(source: np.ndarray, target: np.ndarray, cfg: CellOTConfig | None 
     torch.manual_seed(cfg.seed)
     both = np.concatenate([source, target])
     mean = both.mean(0)
-    scale = np.sqrt(((both - mean) ** 2).mean()) + 1e-8  # one scale (the map stays a gradient), of the
-    # centred cells: embeddings with large per-dimension offsets keep their cell-to-cell spread
-    X = torch.as_tensor((source - mean) / scale, dtype=torch.float32)
-    Y = torch.as_tensor((target - mean) / scale, dtype=torch.float32)
+    basis = None
+    if cfg.n_components is not None and both.shape[1] > cfg.n_components:
+        k = min(cfg.n_components, len(both) - 1)
+        basis = np.linalg.svd(both - mean, full_matrices=False)[2][:k]  # (k, d) leading directions
+    project = (lambda m: (m - mean) @ basis.T) if basis is not None else (lambda m: m - mean)
+    Xc, Yc = project(source), project(target)
+    scale = np.sqrt((np.concatenate([Xc, Yc]) ** 2).mean()) + 1e-8  # one scale: the map stays a gradient
+    X = torch.as_tensor(Xc / scale, dtype=torch.float32)
+    Y = torch.as_tensor(Yc / scale, dtype=torch.float32)
     f, g = ICNN(X.shape[1], cfg.hidden), ICNN(X.shape[1], cfg.hidden)
     opt_f = torch.optim.Adam(f.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
     opt_g = torch.optim.Adam(g.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
@@ -106,4 +122,4 @@ def fit_cellot(source: np.ndarray, target: np.ndarray, cfg: CellOTConfig | None 
         loss_f.backward()
         opt_f.step()
         f.clamp_()
-    return CellOTMap(g, mean, scale)
+    return CellOTMap(g, mean, scale, basis)
