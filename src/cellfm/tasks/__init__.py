@@ -5,8 +5,7 @@ predictors) and `perturbation_benchmark` (GEARS, GEARS + CellFM, baselines; its 
 `perturbation_gears`, `gears_cell_tokens`, `go_graph`, `perturbation_baselines`), `gene_function`,
 `gene_network`, and `report` (runs them all). Shared pieces: `baselines`,
 `integration_metrics`, `integration_baselines`, `benchmark_data`, `gene_labels`, `report_plots`;
-the annotator's parts live in `annotation_*` modules (cache, data, training, open set, io, eval,
-the CLS-MLP head).
+the annotator is the `annotation` package.
 Imports are lazy so that `import cellfm.tasks` stays cheap.
 """
 
@@ -14,7 +13,8 @@ from __future__ import annotations
 
 _EXPORTS = {
     "CellTypeAnnotator": "cellfm.tasks.annotation",
-    "evaluate_annotation": "cellfm.tasks.annotation_eval",
+    "AnnotatorConfig": "cellfm.tasks.annotation",
+    "evaluate_annotation": "cellfm.tasks.annotation",
     "build_pbmc_batches": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",
     "score_embeddings": "cellfm.tasks.integration_metrics",
