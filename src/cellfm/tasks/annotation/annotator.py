@@ -39,7 +39,7 @@ from cellfm.tasks.annotation.reference import (
     trainable_copy,
     validation_split,
 )
-from cellfm.tasks.annotation.selection import candidate_heads, choose_head, train_head
+from cellfm.tasks.annotation.selection import candidate_heads, choose_head, refit_linear_head, train_head
 from cellfm.tasks.annotation.states import TokenStates
 from cellfm.tasks.annotation.training import encoder_epoch_fn, evaluate_cached, train_with_early_stopping
 
@@ -128,11 +128,15 @@ class CellTypeAnnotator:
             heads[kind], stop = train_head(kind, base.config, n_cls, cache, y, split, weight, cfg, dev,
                                            self.history)
             self.stops.append(stop)
-        chosen, selection = choose_head(heads, cache, y, val_idx)
+        chosen, selection = choose_head(heads, cache, y, val_idx, cfg.selection_margin)
         if len(kinds) > 1:
             log.info("annotate: head %s kept (%s: %s)", chosen, selection["criterion"],
                      ", ".join(f"{k} {v:.3f}" for k, v in selection["scores"].items()))
         self.head = heads[chosen]
+        val_logits = self._logits(cache, val_idx)  # of the head that never saw the validation cells
+        if chosen == "cls_linear":  # no epochs to pick: refit on every reference cell, as the baseline
+            self.head = refit_linear_head(self.head, cache.cls, y, cfg)
+        selection["refit_on_all_reference_cells"] = chosen == "cls_linear"
         self.settings = {**cfg.to_dict(), "label_key": label_key, "head": chosen, "head_selection": selection,
                          "st_weights": st_weights or "", "n_reference": int(len(y)),
                          "n_validation": int(len(val_idx)), "input": cells.record}
@@ -144,7 +148,8 @@ class CellTypeAnnotator:
                                         self.encoder, dev, keep_tokens=self.head.reads_tokens,
                                         progress=cfg.progress, desc="cellfm encode reference",
                                         st_tokens=cfg.st_tokens)
-        self._calibrate(cache, y, split)
+            val_logits = self._logits(cache, val_idx)
+        self._calibrate(cache, y, split, val_logits)
         return self
 
     def _train_encoder(self, ref, y, split, weight, dev, read) -> None:
@@ -169,11 +174,13 @@ class CellTypeAnnotator:
             self.encoder.config = self.encoder.config.replace(lora_rank=0)
             module.config = self.encoder.config
 
-    def _calibrate(self, cache: TokenStates, y: np.ndarray, split) -> None:
+    def _logits(self, cache: TokenStates, rows: np.ndarray) -> torch.Tensor:
+        self.head.cpu().eval()
+        return evaluate_cached(self.head, cache, rows, None, None, torch.device("cpu"))[0]
+
+    def _calibrate(self, cache: TokenStates, y: np.ndarray, split, val_logits: torch.Tensor) -> None:
         """Temperature and rejection cut-offs from the held-out (validation) cells."""
         train_idx, val_idx = split
-        self.head.cpu().eval()
-        val_logits = evaluate_cached(self.head, cache, val_idx, None, None, torch.device("cpu"))[0]
         self.temperature = fit_temperature(val_logits, torch.from_numpy(y[val_idx]).long())
         conf_val = torch.softmax(val_logits / self.temperature, -1).max(1).values.numpy()
         self.open_set = calibrate_open_set(cache.cls[train_idx], y[train_idx], len(self.classes),
@@ -182,6 +189,50 @@ class CellTypeAnnotator:
         log.info("annotate: the rejection rule calls %.1f%% of held-out reference cells unknown "
                  "(confidence < %.3f or centroid distance > %.3f)", 100 * self.open_set.reference_rejected,
                  self.open_set.threshold, self.open_set.distance_cutoff)
+
+    @classmethod
+    def from_parts(
+        cls,
+        encoder: CellFM,
+        head: AnnotationHead,
+        classes: list[str],
+        config: AnnotatorConfig | None = None,
+        *,
+        reference: ad.AnnData | None = None,
+        label_key: str | None = None,
+        **read,
+    ) -> CellTypeAnnotator:
+        """An annotator from an encoder and a head trained elsewhere (an official annotation
+        checkpoint: `cellfm.tasks.annotation.official`); `classes[i]` names the head's logit i.
+        With a labelled `reference` (`read`: layer / use_raw / gene_key) the temperature and the
+        rejection rule are calibrated on its cells of those classes; without, nothing is rejected."""
+        if head.n_classes != len(classes):
+            raise ValueError(f"the head scores {head.n_classes} cell types but {len(classes)} names were "
+                             "given")
+        ann = cls(encoder, config)
+        ann.head, ann.classes = head.eval(), [str(c) for c in classes]
+        ann.settings = {**ann.config.to_dict(), "head": head.kind, "head_selection": {}, "mode": "frozen",
+                        "label_key": label_key or "", "st_weights": ""}
+        d = encoder.config.d_model
+        ann.open_set = OpenSetRule(np.zeros(d, np.float32), np.ones(d, np.float32),
+                                   np.zeros((len(classes), d), np.float32), float("inf"), 0.0, 0.0)
+        if reference is None:
+            return ann
+        labels = reference.obs[label_key].astype(str)
+        rows = np.flatnonzero(labels.isin(ann.classes).to_numpy())
+        if len(rows) == 0:
+            raise ValueError(f"no cell of obs[{label_key!r}] is of one of the head's types "
+                             f"({ann.classes[:5]}...)")
+        cells = setup_cells(reference[rows], encoder, empty="zero", seed=ann.config.seed, **read)
+        ann.reference_genes = sorted(set(cells.mapping.names[cells.mapping.token_ids > 0].astype(str)))
+        cache = TokenStates.compute(cells, encoder, resolve_device(ann.config.device),
+                                    keep_tokens=head.reads_tokens, progress=ann.config.progress,
+                                    desc="cellfm encode reference", st_tokens=ann.config.st_tokens)
+        index = {c: i for i, c in enumerate(ann.classes)}
+        y = np.array([index[v] for v in labels.to_numpy()[rows]])
+        every = np.arange(len(rows))  # centroids and cut-offs from the same cells: no held-out set here
+        ann._calibrate(cache, y, (every, every), ann._logits(cache, every))
+        return ann
 
     # ---- inference ----------------------------------------------------------------------
     def predict(
@@ -248,12 +299,12 @@ class CellTypeAnnotator:
         cells = setup_cells(adata, self.encoder, empty="zero", seed=self.config.seed, **read)
         genes = set(cells.mapping.names[cells.mapping.token_ids > 0].astype(str))
         shared = len(genes & set(self.reference_genes))
-        if shared == 0:
+        if shared == 0 and self.reference_genes:
             raise ValueError(
                 f"none of the {len(self.reference_genes)} reference genes is in the query (query genes e.g. "
                 f"{list(cells.mapping.names[:5])}); query and reference need the same gene identifiers "
                 "(symbols or Ensembl ids)")
-        if shared < 0.5 * len(self.reference_genes):
+        if 0 < shared < 0.5 * len(self.reference_genes):
             warnings.warn(f"the query shares only {shared} of the {len(self.reference_genes)} reference "
                           "genes; predictions may be unreliable", stacklevel=3)
         dev = resolve_device(self.config.device)

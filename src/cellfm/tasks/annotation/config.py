@@ -22,6 +22,10 @@ class AnnotatorConfig:
         in `settings["head_selection"]`); with lora / full it means "official". "official": the
         authors' head (type queries over the gene tokens). "cls_linear": logistic regression on the
         CLS. "cls_mlp": a residual MLP on the CLS.
+    selection_margin
+        With "auto", the official head is kept only if its held-out macro-F1 beats the linear
+        head's by more than this (the scores are noisy; the linear head is then refitted on all
+        reference cells and equals logistic regression on the model's CLS).
     mode
         "frozen" (encoder fixed, its outputs cached once), "lora" or "full" (the encoder trains).
     val_fraction
@@ -42,6 +46,7 @@ class AnnotatorConfig:
     """
 
     head: HeadChoice = "auto"
+    selection_margin: float = 0.02
     mode: Mode = "frozen"
     val_fraction: float = 0.2
     min_val_cells: int = 100
