@@ -12,7 +12,12 @@ import pytest
 import torch
 
 import cellfm
-from cellfm.tasks.annotation import CellTypeAnnotator
+from cellfm.contract import setup_cells
+from cellfm.tasks.annotation import AnnotatorConfig, CellTypeAnnotator
+from cellfm.tasks.annotation.heads import new_head
+from cellfm.tasks.annotation.reference import token_batches, trainable_copy
+from cellfm.tasks.annotation.states import TokenStates
+from cellfm.tasks.annotation.training import encoder_epoch_fn
 
 LABEL = "classified"
 
@@ -41,16 +46,15 @@ def plain_model() -> cellfm.CellFM:
 def fit(ref, model, **kw) -> CellTypeAnnotator:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="dropping")  # rare pbmc3k classes in 64 cells
-        return CellTypeAnnotator().fit(ref, LABEL, model=model, val_fraction=0.2, max_epochs=2,
-                                       progress=False, **kw)
+        config = AnnotatorConfig(val_fraction=0.2, max_epochs=2, progress=False, device="cpu", **kw)
+        return CellTypeAnnotator(model, config).fit(ref, LABEL)
 
 
 def test_frozen_annotation_reads_the_st_encoder_and_round_trips(ref, st_model, tmp_path):
-    from cellfm.tasks.annotation_cache import TokenStates
-
     dev = torch.device("cpu")
-    with_st = TokenStates.compute(ref, st_model, dev, progress=False, st_tokens=True)
-    without = TokenStates.compute(ref, st_model, dev, progress=False)
+    cells = setup_cells(ref, st_model, empty="zero")
+    with_st = TokenStates.compute(cells, st_model, dev, progress=False, st_tokens=True)
+    without = TokenStates.compute(cells, st_model, dev, progress=False)
     # the cached CLS is the embedding `embed(..., st_tokens=True)` gives; tokens are the gene rows only
     emb = cellfm.embed(ref, st_model, copy=True, st_tokens=True, progress=False).obsm["X_cellfm"]
     np.testing.assert_allclose(with_st.cls, emb, atol=2e-5)
@@ -89,10 +93,6 @@ def test_lora_creates_reports_and_saves_new_st_weights(ref, plain_model, tmp_pat
 
 @pytest.mark.parametrize("mode", ["lora", "full"])
 def test_st_weights_train_with_the_encoder(ref, st_model, mode):
-    from cellfm.tasks.annotation_data import token_batches, trainable_copy
-    from cellfm.tasks.annotation_io import new_head
-    from cellfm.tasks.annotation_training import encoder_epoch_fn
-
     enc = trainable_copy(st_model, mode, 2, train_st=True)
     trainable = {n for n, p in enc.module.named_parameters() if p.requires_grad}
     assert {n for n, _ in enc.module.named_parameters() if n.startswith("st.")} <= trainable
@@ -126,7 +126,7 @@ def test_cli_annotate_fit_st_tokens(ref, tmp_path):
             "--max-epochs", "1", "--threads", "1", "--min-cells-per-class", "3", "--st-tokens"]
     bad = runner.invoke(app, [*base, "-o", str(tmp_path / "frozen")])
     assert bad.exit_code == 2, bad.output
-    lines = [line for line in bad.output.splitlines() if line.strip()]
+    lines = [line for line in bad.output.splitlines() if line.startswith("error")]  # one error line
     assert len(lines) == 1 and re.match(r"error: --model preset:tiny: --st-tokens with --mode frozen needs a "
                                         r"model with ST-token weights.*--mode lora or --mode full", lines[0])
     good = runner.invoke(app, [*base, "--mode", "lora", "--lora-rank", "2", "-o", str(tmp_path / "lora")])

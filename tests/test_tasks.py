@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -18,10 +17,7 @@ import torch
 
 import cellfm
 from cellfm.extras import installed_version
-from cellfm.model.cell_type_head import CellTypeHead
-from cellfm.tasks import annotation_head, integration_metrics
-from cellfm.tasks.annotation import CellTypeAnnotator
-from cellfm.tasks.annotation_data import trainable_copy as _trainable_copy
+from cellfm.tasks import integration_metrics
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -56,158 +52,6 @@ def pbmc4k(shared_data):
     from cellfm.evaluation.data import load_benchmark
 
     return load_benchmark("pbmc4k", shared_data)
-
-
-@pytest.fixture(scope="module")
-def fitted(pbmc3k, tiny):
-    ref = _slice(pbmc3k, "classified", 400)
-    ann = CellTypeAnnotator().fit(ref, "classified", model=tiny, max_epochs=15, progress=False)
-    return ann, ref
-
-
-# ---- annotation ---------------------------------------------------------------------------
-def test_annotator_predicts_calibrated_labels_and_roundtrips(fitted, pbmc3k, tmp_path):
-    ann, ref = fitted
-    assert isinstance(ann.head, CellTypeHead)  # the official annotation head is the default
-    query = _slice(pbmc3k, "classified", 200, seed=1)
-    ann.predict(query, progress=False)
-    labels = query.obs["cellfm_label"].astype(str)
-    assert set(labels) <= set(ann.classes) | {"unknown"}
-    conf = query.obs["cellfm_confidence"].to_numpy()
-    assert ((conf > 0) & (conf <= 1)).all()
-    # "unknown" exactly where confidence or centroid distance says so, and its share is in uns
-    rejected = (conf < ann.threshold) | (query.obs["cellfm_centroid_distance"].to_numpy() > 1)
-    assert ((labels == "unknown").to_numpy() == rejected).all()
-    assert query.uns["cellfm_annotation"]["rejected_fraction"] == pytest.approx(rejected.mean())
-    # the head learned from the reference (a random-init encoder: the tokens still tell genes apart)
-    first, kept = ann.history[0]["val_loss"], ann.stops[-1]["best_val_loss"]
-    assert kept < 0.9 * first
-    ann.predict(ref, progress=False, open_set=False)
-    acc = (ref.obs["cellfm_label_closed_set"].astype(str) == ref.obs["classified"].astype(str)).mean()
-    assert acc > 1.5 / len(ann.classes)
-    ann.save(tmp_path / "ann")
-    again = CellTypeAnnotator.load(tmp_path / "ann")
-    q2 = query.copy()
-    again.predict(q2, progress=False)
-    assert (q2.obs["cellfm_label"].astype(str) == labels).all()
-    np.testing.assert_allclose(q2.obs["cellfm_confidence"], conf, rtol=1e-5, atol=1e-6)
-
-
-def test_open_set_calibrated_on_held_out_reference_cells(fitted, pbmc3k):
-    ann, ref = fitted
-    # at most 5 % of the held-out reference (validation) cells fall under the calibrated cut-offs
-    assert 0 <= ann.open_set.reference_rejected <= 0.05
-    assert ann.threshold <= 0.5  # lowered from the requested 0.5 only if needed
-    # a query from the same tissue (cells not in the reference) is mostly accepted
-    rest = np.setdiff1d(np.arange(pbmc3k.n_obs), np.flatnonzero(pbmc3k.obs_names.isin(ref.obs_names)))
-    query = pbmc3k[np.random.default_rng(2).choice(rest, 300, replace=False)].copy()
-    ann.predict(query, progress=False)
-    info = query.uns["cellfm_annotation"]
-    assert info["rejected_fraction"] == pytest.approx((query.obs["cellfm_label"] == "unknown").mean())
-    assert info["rejected_fraction"] <= 0.2, info
-    both = (query.obs["cellfm_confidence"] < info["threshold"]) & (query.obs["cellfm_centroid_distance"] > 1)
-    n_either = info["rejected_low_confidence"] + info["rejected_far_from_reference"] - both.sum()
-    assert info["n_rejected"] == n_either
-
-
-def test_token_state_cache_on_disk_equals_encoder(pbmc3k, tiny):
-    from cellfm.tasks.annotation_cache import TokenStates
-
-    cells = _slice(pbmc3k, "classified", 40)
-    mem = TokenStates.compute(cells, tiny, torch.device("cpu"), progress=False)
-    disk = TokenStates.compute(cells, tiny, torch.device("cpu"), progress=False, memory_limit=0)
-    assert disk.on_disk and not mem.on_disk
-    rows = np.array([5, 0, 17])
-    (s_mem, m_mem), (s_disk, m_disk) = mem.batch(rows, "cpu"), disk.batch(rows, "cpu")
-    assert torch.equal(s_mem, s_disk) and torch.equal(m_mem, m_disk)
-    # the cached states are the encoder's own outputs (fp16 tokens), cell by cell, in adata order
-    from cellfm.contract import setup_cells
-
-    batch = next(iter(setup_cells(cells[rows], tiny).batches(3, sort_by_length=False)))
-    with torch.no_grad():
-        states, _ = tiny.module.encode(batch.gene_ids, batch.values, batch.token_mask)
-    assert torch.equal(m_mem, batch.token_mask)
-    torch.testing.assert_close(s_mem[:, 0], states[:, 0])
-    torch.testing.assert_close(s_mem[:, 1:][m_mem], states[:, 1:][m_mem], atol=2e-3, rtol=1e-3)
-
-
-def test_fit_logs_each_epoch_and_says_why_it_stopped(pbmc3k, tiny, caplog):
-    ref = _slice(pbmc3k, "classified", 300)
-    with caplog.at_level("INFO", logger="cellfm.tasks.annotation_training"):
-        ann = CellTypeAnnotator().fit(
-            ref, "classified", model=tiny, head="cls_mlp", max_epochs=300, patience=2, progress=False
-        )
-    stop = ann.stops[0]
-    assert stop["stopped_early"] and stop["epochs_run"] < 300
-    assert stop["epochs_run"] == stop["best_epoch"] + 2  # two epochs without improvement, then stop
-    assert f"stopped early at epoch {stop['epochs_run']} of 300" in caplog.text
-    assert f"kept epoch {stop['best_epoch']}" in caplog.text
-    assert "epoch 1/300: train_loss" in caplog.text and "val_acc" in caplog.text
-    hist = [h for h in ann.history if h["phase"] == stop["phase"]]
-    assert [h["epoch"] for h in hist] == list(range(1, stop["epochs_run"] + 1))
-    for h in hist:
-        assert h["train_loss"] > 0 and h["val_loss"] > 0
-        assert 0 <= h["train_acc"] <= 1 and 0 <= h["val_acc"] <= 1
-    best = min(hist, key=lambda h: h["val_loss"])
-    assert best["epoch"] == stop["best_epoch"] and best["val_loss"] == pytest.approx(stop["best_val_loss"])
-
-
-def test_annotator_bad_inputs(pbmc3k, tiny, fitted):
-    ref = _slice(pbmc3k, "classified", 200)
-    with pytest.raises(KeyError, match="cell_type"):
-        CellTypeAnnotator().fit(ref, "cell_type", model=tiny)
-    one = ref.copy()
-    one.obs["only"] = "T"
-    with pytest.raises(ValueError, match="at least 2"):
-        CellTypeAnnotator().fit(one, "only", model=tiny)
-    with pytest.raises(ValueError, match="mode"):
-        CellTypeAnnotator().fit(ref, "classified", model=tiny, mode="partial")
-    # a class with < 5 cells is dropped with a warning
-    rare = ref.copy()
-    lab = rare.obs["classified"].astype(str).to_numpy()
-    lab[:3] = "Rare"
-    rare.obs["lab"] = lab
-    with pytest.warns(UserWarning, match="Rare"):
-        ann = CellTypeAnnotator().fit(rare, "lab", model=tiny, max_epochs=2, progress=False)
-    assert "Rare" not in ann.classes
-    # query genes that match nothing
-    alien = ref[:20].copy()
-    alien.var_names = [f"NOTAGENE{i}" for i in range(alien.n_vars)]
-    with pytest.raises(ValueError):
-        fitted[0].predict(alien, progress=False)
-    with pytest.raises(RuntimeError, match="not fitted"):
-        CellTypeAnnotator().predict(ref)
-
-
-def test_lora_trains_only_adapters_and_merges(pbmc3k, tiny):
-    copy = _trainable_copy(tiny, "lora", 4)
-    trainable = [n for n, p in copy.module.named_parameters() if p.requires_grad]
-    assert trainable and all("lora_" in n for n in trainable)
-    before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
-    ref = _slice(pbmc3k, "classified", 200)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        ann = CellTypeAnnotator().fit(ref, "classified", model=tiny, mode="lora", lora_rank=4, max_epochs=1,
-                                      progress=False)
-    # base model untouched; fitted encoder merged back to plain weights (no lora keys)
-    for k, v in tiny.module.state_dict().items():
-        assert torch.equal(v, before[k])
-    assert ann.encoder.config.lora_rank == 0
-    assert not any("lora_" in k for k in ann.encoder.module.state_dict())
-    ann.predict(ref[:50].copy(), progress=False)
-
-
-def test_temperature_scaling_calibrates_overconfident_logits():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.randint(0, 4, (2000,), generator=g)
-    logits = torch.randn(2000, 4, generator=g)
-    logits[torch.arange(2000), labels] += 1.0  # right ~60 % of the time ...
-    logits = logits * 8  # ... but nearly always ~100 % sure
-    t = annotation_head.fit_temperature(logits, labels)
-    assert t > 2
-    ece_before = annotation_head.expected_calibration_error(torch.softmax(logits, 1), labels)
-    ece_after = annotation_head.expected_calibration_error(torch.softmax(logits / t, 1), labels)
-    assert ece_after < ece_before / 3
 
 
 # ---- integration --------------------------------------------------------------------------
@@ -455,33 +299,6 @@ def test_report_writes_markdown(shared_data, tiny, tmp_path, monkeypatch):
     monkeypatch.delenv("CELLFM_DATA_DIR", raising=False)  # no folder given: the error says how to give one
     with pytest.raises(ValueError, match="data_dir=<folder> or set CELLFM_DATA_DIR"):
         run_evaluation(tiny, tmp_path, config=cfg)
-
-
-def test_cli_annotate_fit_predict(pbmc3k, tmp_path):
-    import typer
-    from typer.testing import CliRunner
-
-    from cellfm.cli.annotate import annotate_app
-
-    app = typer.Typer()
-    app.add_typer(annotate_app, name="annotate")
-    ref = _slice(pbmc3k, "classified", 250)
-    ref.write_h5ad(tmp_path / "ref.h5ad")
-    runner = CliRunner()
-    args = ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "classified", "-o",
-            str(tmp_path / "ann"), "--model", "preset:tiny", "--max-epochs", "3", "--threads", "1"]
-    res = runner.invoke(app, args)
-    assert res.exit_code == 0, res.output
-    predict = ["annotate", "predict", str(tmp_path / "ref.h5ad"), "--model", str(tmp_path / "ann"),
-               "-o", str(tmp_path / "out.h5ad")]
-    res = runner.invoke(app, predict)
-    assert res.exit_code == 0, res.output
-    import anndata as ad
-
-    assert "cellfm_label" in ad.read_h5ad(tmp_path / "out.h5ad").obs
-    bad = runner.invoke(app, ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "nope", "-o",
-                              str(tmp_path / "x"), "--model", "preset:tiny"])
-    assert bad.exit_code == 1 and "nope" in bad.output
 
 
 @pytest.mark.skipif(

@@ -15,7 +15,7 @@ from cellfm.evaluation.markdown import figure_link, markdown_table
 from cellfm.evaluation.pbmc_batches import build_pbmc_batches
 from cellfm.evaluation.plots import confusion_matrix_plot, embedding_maps, grouped_bars
 from cellfm.evaluation.results import Headline, RunContext, SectionResult
-from cellfm.tasks.annotation_eval import evaluate_annotation
+from cellfm.tasks.annotation import AnnotatorConfig, evaluate_annotation
 from cellfm.tasks.gene_function import PAPER_BINARY_TASKS, evaluate_binary_tasks, evaluate_go_terms
 from cellfm.tasks.gene_network import evaluate_gene_network
 from cellfm.tasks.integration import IntegrationConfig, evaluate_integration
@@ -54,23 +54,23 @@ def annotation_section(ctx: RunContext) -> SectionResult:
             adata = adata[
                 np.sort(np.random.default_rng(seed).choice(adata.n_obs, 1000, replace=False))
             ].copy()
-        r = evaluate_annotation(
-            adata, BENCHMARKS[ds].label_key, model, mode=mode, seed=seed, progress=progress
-        )
-        t = r["table"].assign(dataset=ds)
-        n_types[ds] = len(set(r["y_true"]))
+        r = evaluate_annotation(adata, BENCHMARKS[ds].label_key, model,
+                                AnnotatorConfig(mode=mode, seed=seed, progress=progress), seed=seed)
+        t = r.table.assign(dataset=ds)
+        n_types[ds] = len(set(r.y_true))
         rows.append(t)
-        res[ds] = {k: v for k, v in r.items() if k not in ("y_true", "predictions")}
+        res[ds] = {"table": r.table, "head": r.head, "head_selection": r.head_selection,
+                   "rejected_fraction": r.rejected_fraction, "stops": r.stops}
         text.append(
-            f"- **{ds}** ({BENCHMARKS[ds].description}): {r['n_train']} train / {r['n_test']} test "
-            f"cells; CellFM open-set rejection {r['rejected_fraction']:.1%} of test cells, "
-            f"accuracy on the accepted ones {r['accuracy_on_accepted']:.3f}; temperature "
-            f"{r['temperature']:.2f}."
+            f"- **{ds}** ({BENCHMARKS[ds].description}): {r.n_train} train / {r.n_test} test "
+            f"cells; CellFM head {r.head}, open-set rejection {r.rejected_fraction:.1%} of test cells, "
+            f"accuracy on the accepted ones {r.score(t['method'].iloc[0], 'accuracy_accepted'):.3f}; "
+            f"temperature {r.temperature:.2f}."
         )
         if ds == "pbmc3k":
             cm = confusion_matrix_plot(
-                r["y_true"],
-                r["predictions"][f"CellFM ({mode})"],
+                r.y_true,
+                next(iter(r.predictions.values())),
                 out / "confusion_pbmc3k.png",
                 f"CellFM ({mode}) on pbmc3k held-out cells",
             )
@@ -90,9 +90,9 @@ def annotation_section(ctx: RunContext) -> SectionResult:
     )
     text = (
         "Stratified 80/20 split per data set (seed fixed); CellFM annotator trained on the 80 % "
-        f"(mode `{mode}`, 10 % of it for validation / early stopping / temperature); baselines: "
-        "logistic regression on HVG+PCA (50 PCs of 2,000 HVGs, z-scored) and distance-weighted kNN "
-        "(k=15) on the same PCA, both fitted on the training cells only. Closed-set accuracy (every "
+        f"(mode `{mode}`, 20 % of it held out for head choice / early stopping / temperature); baselines: "
+        "logistic regression on HVG+PCA (50 PCs of 2,000 HVGs, z-scored) and logistic regression on "
+        "the model's CLS, both fitted on the training cells only. Closed-set accuracy (every "
         "cell gets its most likely type) so that all methods are compared alike.\n\n"
         + markdown_table(table)
         + "\n\n"

@@ -7,7 +7,8 @@ layers. Two scores per type:
 - token path: a bias-free linear map of each type's query output -> (B, C) (the official
   prediction, `labelpred1`);
 - CLS path: the updated CLS query dotted with the (input) type embeddings -> (B, C).
-Training sums the class-weighted cross-entropies of both (`annotation_loss`).
+Training sums the class-weighted cross-entropies of both (`annotation_loss`); prediction reads the
+token path, as the official model does.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cellfm.model.annotation_head import AnnotationHead
 from cellfm.model.cross_retention import CrossRetentionLayer
 
 
-class CellTypeHead(nn.Module):
+class CellTypeHead(AnnotationHead):
+    kind = "official"
+    reads_tokens = True
+
     def __init__(
         self,
         d_model: int,
@@ -30,6 +35,7 @@ class CellTypeHead(nn.Module):
         n_layers: int = 2,
     ) -> None:
         super().__init__()
+        self._args = dict(d_model=d_model, n_heads=n_heads, dropout=dropout, eps=eps, n_layers=n_layers)
         self.cluster_emb = nn.Parameter(torch.empty(n_classes, d_model))  # (C, D) type embeddings
         self.query_layer = nn.ModuleList(
             CrossRetentionLayer(d_model, n_heads, dropout, eps) for _ in range(n_layers)
@@ -55,6 +61,14 @@ class CellTypeHead(nn.Module):
         token_logits = self.classifier(x[:, 1:]).squeeze(-1)  # (B, C)
         cls_logits = x[:, 0] @ types.T  # (B, C)
         return token_logits, cls_logits
+
+    def logits_and_loss(self, states, token_mask, y=None, weight=None):
+        token_logits, cls_logits = self(states, token_mask)
+        loss = None if y is None else annotation_loss(token_logits, cls_logits, y, weight)
+        return token_logits, loss
+
+    def spec(self) -> dict:
+        return {"kind": self.kind, "n_classes": self.n_classes, **self._args}
 
 
 def annotation_loss(

@@ -14,7 +14,8 @@ import importlib
 
 _EXPORTS = {
     "CellTypeAnnotator": "cellfm.tasks.annotation",
-    "evaluate_annotation": "cellfm.tasks.annotation_eval",
+    "AnnotatorConfig": "cellfm.tasks.annotation",
+    "evaluate_annotation": "cellfm.tasks.annotation",
     "IntegrationConfig": "cellfm.tasks.integration",
     "IntegrationResult": "cellfm.tasks.integration",
     "evaluate_integration": "cellfm.tasks.integration",

@@ -1,22 +1,23 @@
 """Reference preparation for the cell type annotator: label checks, the stratified validation
-split, gene matching, tokenized batches, the encoder with ST tokens and the trainable copy of the
-encoder (LoRA / full). Nothing here trains or predicts."""
+split, tokenized batches, the encoder with ST tokens and the trainable copy of the encoder
+(LoRA / full). Cells are read only through `cellfm.contract.setup_cells`. Nothing here trains or
+predicts."""
 
 from __future__ import annotations
 
 import copy
 import warnings
-from typing import TYPE_CHECKING
 
+import anndata as ad
 import numpy as np
 import pandas as pd
 
-from cellfm.contract.labels import UNLABELLED
-
-if TYPE_CHECKING:
-    import anndata as ad
-
-    from cellfm.cellfm import CellFM
+from cellfm.batch import CellBatch
+from cellfm.cellfm import CellFM
+from cellfm.contract.labels import is_unlabelled
+from cellfm.contract.setup import setup_cells
+from cellfm.model import CellFMModule
+from cellfm.wording import arg
 
 
 def checked_labels(adata: ad.AnnData, label_key: str, min_cells: int) -> pd.Series:
@@ -27,7 +28,7 @@ def checked_labels(adata: ad.AnnData, label_key: str, min_cells: int) -> pd.Seri
             "pass --label-key / label_key= with the column holding cell types"
         )
     labels = adata.obs[label_key].astype(object)
-    labels = labels.where(labels.notna() & ~labels.astype(str).isin(UNLABELLED))
+    labels = labels.where(~is_unlabelled(labels))
     counts = labels.value_counts()
     small = counts[counts < min_cells]
     if len(small):
@@ -46,41 +47,30 @@ def checked_labels(adata: ad.AnnData, label_key: str, min_cells: int) -> pd.Seri
     return labels.astype(object)
 
 
-def stratified_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_split(
+    y: np.ndarray, val_fraction: float, min_val_cells: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows), stratified by class. The validation set holds
+    `val_fraction` of the cells but at least `min_val_cells` (and one per class), never more than
+    a third: too few held-out cells make the validation loss jump from epoch to epoch and early
+    stopping acts on that noise."""
     from sklearn.model_selection import train_test_split
 
     n_cls = int(y.max()) + 1
-    n_val = max(n_cls, int(round(val_fraction * len(y))))
+    n_val = max(n_cls, int(round(val_fraction * len(y))), min(min_val_cells, len(y) // 3))
     tr, va = train_test_split(np.arange(len(y)), test_size=n_val, stratify=y, random_state=seed)
     return np.sort(tr), np.sort(va)
 
 
-def matched_genes(adata: ad.AnnData, model: CellFM) -> list[str]:
-    from cellfm.vocab import map_genes
-
-    names = pd.Index(adata.var_names.astype(str))
-    ids = np.asarray(map_genes(names, model.vocab).token_ids)
-    genes = [model.vocab.genes[i - 1] for i in ids if i > 0]
-    if not genes:
-        raise ValueError(
-            f"none of the {len(names)} genes (e.g. {list(names[:5])}) matches the model "
-            f"vocabulary {model.vocab.name!r}; use human gene symbols or Ensembl ids"
-        )
-    return sorted(set(genes))
-
-
-def token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int) -> list:
-    """Tokenize once, through the input contract; cell_index of each batch = row in `adata`."""
-    from cellfm.contract.setup import setup_cells
-
-    return list(setup_cells(adata, model, seed=seed, empty="zero").batches(batch_size))
+def token_batches(adata: ad.AnnData, model: CellFM, batch_size: int, seed: int, **read) -> list[CellBatch]:
+    """Tokenize once, through the input contract (`read`: layer / use_raw / gene_key); the
+    `cell_index` of each batch is the row in `adata`."""
+    return list(setup_cells(adata, model, seed=seed, empty="zero", **read).batches(batch_size))
 
 
 def refuse_frozen_without_st(model: CellFM, mode: str) -> None:
     """ST tokens with a frozen encoder need trained ST weights: new random ones would only add
     noise that nothing learns to use."""
-    from cellfm.wording import arg
-
     if mode == "frozen" and not model.config.st_tokens:
         raise ValueError(
             f"{arg('st_tokens', True)} with {arg('mode', 'frozen')} needs a model with ST-token weights "
@@ -94,8 +84,6 @@ def st_encoder(base: CellFM, mode: str) -> tuple[CellFM, str]:
     """(encoder with ST tokens, where its ST weights come from: "checkpoint" or "new"). A model
     without them gets new ones (official init) in lora / full mode, with a warning; they train
     with the encoder."""
-    from cellfm.wording import arg
-
     refuse_frozen_without_st(base, mode)
     if base.config.st_tokens:
         return base, "checkpoint"
@@ -110,9 +98,6 @@ def st_encoder(base: CellFM, mode: str) -> tuple[CellFM, str]:
 def trainable_copy(base: CellFM, mode: str, lora_rank: int, train_st: bool = False) -> CellFM:
     """A copy of the encoder with the parameters of `mode` trainable (the base model is untouched);
     `train_st`: the ST tokens train too (in "full" mode everything does)."""
-    from cellfm.cellfm import CellFM
-    from cellfm.model import CellFMModule
-
     if mode == "full":
         module = copy.deepcopy(base.module)
         for p in module.parameters():

@@ -1,9 +1,9 @@
 """Training loops of the cell type annotator: head epochs on cached encoder states (frozen mode),
-joint encoder + head epochs (LoRA / full), and early stopping that keeps the best state and says
-when and why it stopped.
+joint encoder + head epochs (LoRA / full), and early stopping on a smoothed validation loss that
+keeps the best state and says when and why it stopped.
 
-Every epoch is logged (logger `cellfm.tasks.annotation_training`, INFO) and appended to a history
-list as {phase, epoch, train_loss, train_acc, val_loss, val_acc}.
+Every epoch is logged (logger `cellfm.tasks.annotation.training`, INFO) and appended to a history
+list as {phase, epoch, train_loss, train_acc, val_loss, val_loss_smoothed, val_acc}.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cellfm.model.cell_type_head import CellTypeHead, annotation_loss
-from cellfm.tasks.annotation_cache import TokenStates, encoder_states
+from cellfm.model.annotation_head import AnnotationHead
+from cellfm.progress import progress_bar
+from cellfm.tasks.annotation.states import TokenStates, encoder_states
 
 log = logging.getLogger(__name__)
 GRAD_CLIP_VALUE = 2.0  # official fine-tuning wrapper: element-wise clip of every gradient to +-2
@@ -33,28 +33,9 @@ class EpochScores:
     val_acc: float
 
 
-def head_logits_and_loss(
-    head: nn.Module,
-    states: torch.Tensor,
-    token_mask: torch.Tensor,
-    y: torch.Tensor | None,
-    weight: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prediction logits (B, C) and training loss of either head on encoder states (B, 1+L, D).
-
-    The official head predicts with its token path and trains on the sum of both losses; the
-    CLS-MLP head reads the CLS vector only."""
-    if isinstance(head, CellTypeHead):
-        token_logits, cls_logits = head(states, token_mask)
-        loss = None if y is None else annotation_loss(token_logits, cls_logits, y, weight)
-        return token_logits, loss
-    logits = head(states[:, 0])
-    return logits, None if y is None else F.cross_entropy(logits.float(), y, weight=weight)
-
-
 @torch.no_grad()
 def evaluate_cached(
-    head: nn.Module,
+    head: AnnotationHead,
     cache: TokenStates,
     rows: np.ndarray,
     y: torch.Tensor | None,
@@ -69,23 +50,19 @@ def evaluate_cached(
     for a in range(0, len(rows), batch_size):
         states, mask = cache.batch(rows[a : a + batch_size], device)
         yb = None if y is None else y[a : a + batch_size].to(device)
-        logits, loss = head_logits_and_loss(head, states, mask, yb, weight)
+        logits, loss = head.logits_and_loss(states, mask, yb, weight)
         out.append(logits.float().cpu())
         if yb is not None:
             bw = float(weight[yb].sum()) if weight is not None else float(len(yb))
             total, wsum = total + loss.item() * bw, wsum + bw
-    logits = torch.cat(out) if out else torch.zeros(0, head_classes(head))
+    logits = torch.cat(out) if out else torch.zeros(0, head.n_classes)
     if y is None:
         return logits, float("nan"), float("nan")
     return logits, total / max(wsum, 1e-12), float((logits.argmax(1) == y).float().mean())
 
 
-def head_classes(head: nn.Module) -> int:
-    return head.n_classes if isinstance(head, CellTypeHead) else head.class_emb.shape[0]
-
-
 def frozen_epoch_fn(
-    head: nn.Module,
+    head: AnnotationHead,
     cache: TokenStates,
     y: np.ndarray,
     train_idx: np.ndarray,
@@ -109,7 +86,7 @@ def frozen_epoch_fn(
             states, mask = cache.batch(rows, device)
             yb = Y[rows].to(device)
             opt.zero_grad()
-            logits, loss = head_logits_and_loss(head, states, mask, yb, w)
+            logits, loss = head.logits_and_loss(states, mask, yb, w)
             loss.backward()
             opt.step()
             total += loss.item() * len(rows)
@@ -122,7 +99,7 @@ def frozen_epoch_fn(
 
 def encoder_epoch_fn(
     encoder_module: nn.Module,
-    head: nn.Module,
+    head: AnnotationHead,
     train_batches: list,
     val_batches: list,
     y_train: torch.Tensor,
@@ -152,7 +129,7 @@ def encoder_epoch_fn(
         b = b.to(device)
         states = encoder_states(encoder_module, b, st_tokens)  # (B, 1+L, D)
         yb = y[b.cell_index.cpu()].to(device)
-        logits, loss = head_logits_and_loss(head, states, b.token_mask, yb, w)
+        logits, loss = head.logits_and_loss(states, b.token_mask, yb, w)
         return logits, loss, yb
 
     def validate(train_scores: tuple[float, float] = (float("nan"), float("nan"))) -> EpochScores:
@@ -193,40 +170,42 @@ def train_with_early_stopping(
     patience: int,
     phase: str,
     history: list[dict],
+    smoothing: float = 1.0,
     progress: bool = True,
     initial: Callable[[], EpochScores] | None = None,
 ) -> dict:
-    """Run epochs until the validation loss has not improved for `patience` epochs; restore the
-    best state (with `initial`, possibly the state before the first epoch). Returns a summary
-    {phase, stopped_early, epochs_run, best_epoch, best_val_loss, reason} that is also logged."""
-    from tqdm.auto import tqdm, trange
+    """Run epochs until the smoothed validation loss (exponential moving average, weight
+    `smoothing` on the newest epoch) has not improved for `patience` epochs; restore the state of
+    the best smoothed epoch (with `initial`, possibly the state before the first epoch). Returns a
+    summary {phase, stopped_early, epochs_run, best_epoch, best_val_loss, reason}, also logged."""
+    best, best_epoch, best_state, waited, ema = float("inf"), 0, None, 0, None
 
-    best, best_epoch, best_state, waited = float("inf"), 0, None, 0
+    def record(epoch: int, s: EpochScores) -> float:
+        nonlocal ema
+        ema = s.val_loss if ema is None else smoothing * s.val_loss + (1 - smoothing) * ema
+        history.append({"phase": phase, "epoch": epoch, **s.__dict__, "val_loss_smoothed": ema})
+        return ema
+
     if initial is not None:
         s = initial()
-        history.append({"phase": phase, "epoch": 0, **s.__dict__})
-        best, best_state = s.val_loss, [copy.deepcopy(m.state_dict()) for m in modules]
+        best, best_state = record(0, s), [copy.deepcopy(m.state_dict()) for m in modules]
         log.info("annotate %s: before training val_loss %.4f val_acc %.3f", phase, s.val_loss, s.val_acc)
-    bar = trange(max_epochs, desc=f"annotate {phase}", disable=not progress)
-    ep = 0
-    for ep in bar:
+    bar = progress_bar(max_epochs, f"annotate {phase}", unit="epoch", enabled=progress)
+    epochs_run = 0
+    for ep in range(1, max_epochs + 1):
         s = epoch_fn()
-        history.append({"phase": phase, "epoch": ep + 1, **s.__dict__})
+        epochs_run = ep
+        smooth = record(ep, s)
         log.info(
-            "annotate %s epoch %d/%d: train_loss %.4f train_acc %.3f val_loss %.4f val_acc %.3f",
-            phase,
-            ep + 1,
-            max_epochs,
-            s.train_loss,
-            s.train_acc,
-            s.val_loss,
-            s.val_acc,
+            "annotate %s epoch %d/%d: train_loss %.4f train_acc %.3f val_loss %.4f (smoothed %.4f) "
+            "val_acc %.3f",
+            phase, ep, max_epochs, s.train_loss, s.train_acc, s.val_loss, smooth, s.val_acc,
         )
-        bar.set_postfix(
-            train_loss=f"{s.train_loss:.3f}", val_loss=f"{s.val_loss:.3f}", val_acc=f"{s.val_acc:.3f}"
-        )
-        if s.val_loss < best - 1e-4:
-            best, best_epoch, waited = s.val_loss, ep + 1, 0
+        bar.update(1)
+        bar.set_postfix(train_loss=f"{s.train_loss:.3f}", val_loss=f"{smooth:.3f}",
+                        val_acc=f"{s.val_acc:.3f}")
+        if smooth < best - 1e-4:
+            best, best_epoch, waited = smooth, ep, 0
             best_state = [copy.deepcopy(m.state_dict()) for m in modules]
         else:
             waited += 1
@@ -237,17 +216,15 @@ def train_with_early_stopping(
         for m, state in zip(modules, best_state, strict=True):
             m.load_state_dict(state)
     stopped = waited >= patience
-    epochs_run = ep + 1 if max_epochs else 0
+    kept = f"kept epoch {best_epoch} (best smoothed val loss {best:.4f})"
     if stopped:
-        reason = (
-            f"stopped early at epoch {epochs_run} of {max_epochs}: validation loss did not improve "
-            f"for {patience} epochs; kept epoch {best_epoch} (best val loss {best:.4f})"
-        )
+        reason = (f"stopped early at epoch {epochs_run} of {max_epochs}: the smoothed validation loss did "
+                  f"not improve for {patience} epochs; {kept}")
     else:
-        reason = f"ran all {max_epochs} epochs; kept epoch {best_epoch} (best val loss {best:.4f})"
+        reason = f"ran all {max_epochs} epochs; {kept}"
     log.info("annotate %s: %s", phase, reason)
     if progress:
-        tqdm.write(f"annotate {phase}: {reason}")
+        bar.write(f"annotate {phase}: {reason}")
     return {
         "phase": phase,
         "stopped_early": stopped,

@@ -18,22 +18,20 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    import anndata as ad
+from cellfm.batch import CellBatch
+from cellfm.contract.setup import CellInput
+from cellfm.embedding.engine import EncoderModel
+from cellfm.model.st_tokens import st_features
+from cellfm.progress import progress_bar
 
-    from cellfm.cellfm import CellFM
 
-
-def encoder_states(module: torch.nn.Module, batch, st_tokens: bool = False) -> torch.Tensor:
+def encoder_states(module: torch.nn.Module, batch: CellBatch, st_tokens: bool = False) -> torch.Tensor:
     """Last-layer states (B, 1+L, D) of a CellBatch: CLS, then the gene tokens. With `st_tokens`
     the two ST tokens (S = T = the cell's total) join the sequence but not the result."""
-    from cellfm.model.st_tokens import st_features
-
     st_feat = st_features(batch.totals) if st_tokens else None  # (B, 2)
     states, _ = module.encode(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)  # (B, P+L, D)
     if st_tokens:
@@ -61,26 +59,22 @@ class TokenStates:
     @classmethod
     def compute(
         cls,
-        adata: ad.AnnData,
-        model: CellFM,
+        cells: CellInput,
+        model: EncoderModel,
         device: torch.device,
         *,
         keep_tokens: bool = True,
         batch_size: int = 64,
         memory_limit: int = 2 << 30,
         progress: bool = True,
-        seed: int = 0,
+        desc: str = "cellfm encode",
         st_tokens: bool = False,
     ) -> TokenStates:
-        """Run the encoder once over `adata` (raw counts). Cells without any matched gene get a
-        zero CLS and no tokens. `keep_tokens=False` keeps only the CLS (for CLS-only heads);
-        `st_tokens` feeds the model's ST tokens (see `encoder_states`)."""
-        from tqdm.auto import tqdm
-
-        from cellfm.contract.setup import setup_cells
-
+        """Run the encoder once over checked cells (`cellfm.contract.setup_cells`). Cells without
+        any matched gene get a zero CLS and no tokens. `keep_tokens=False` keeps only the CLS (for
+        CLS-only heads); `st_tokens` feeds the model's ST tokens (see `encoder_states`); `desc`
+        names the progress bar (what is encoded)."""
         config, module = model.config, model.module
-        cells = setup_cells(adata, model, empty="zero", seed=seed)
         n_expr = cells.n_tokens()
         lengths = n_expr if keep_tokens else np.zeros_like(n_expr)
         offsets = np.concatenate([[0], np.cumsum(lengths)])
@@ -91,13 +85,11 @@ class TokenStates:
             tokens = np.lib.format.open_memmap(Path(tmpdir.name) / "tokens.npy", "w+", np.float16, shape)
         else:
             tokens = np.empty(shape, np.float16)
-        cls_out = np.zeros((adata.n_obs, config.d_model), np.float32)
+        cls_out = np.zeros((cells.n_cells, config.d_model), np.float32)
         was_training, old_device = module.training, model.device
         module.eval().to(device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-        bar = tqdm(
-            total=int((n_expr > 0).sum()), desc="cellfm encode reference", unit="cell", disable=not progress
-        )
+        bar = progress_bar(int((n_expr > 0).sum()), desc, enabled=progress)
         try:
             with torch.inference_mode(), autocast:
                 for b in cells.batches(batch_size):

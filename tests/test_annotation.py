@@ -1,0 +1,314 @@
+"""Cell type annotation on real pbmc3k cells with a tiny random-init model (CPU).
+
+A random-init encoder carries no biology, so these tests check the machinery (the input contract,
+head selection, training and early stopping, calibration, rejection, persistence, scores beside
+the baselines, the CLI); the model-vs-baseline numbers are in benchmarks/annotation.py.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+import cellfm
+from cellfm.contract import setup_cells
+from cellfm.model.annotation_head import AnnotationHead
+from cellfm.model.cls_heads import ClsLinearHead
+from cellfm.tasks.annotation import AnnotatorConfig, CellTypeAnnotator, evaluate_annotation
+from cellfm.tasks.annotation.calibration import expected_calibration_error, fit_temperature
+from cellfm.tasks.annotation.evaluate import cls_logistic_regression
+from cellfm.tasks.annotation.reference import trainable_copy
+from cellfm.tasks.annotation.states import TokenStates
+
+LABEL = "classified"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # on a shared 2-core machine OpenMP hand-offs dominate tiny matmuls
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return cellfm.CellFM.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def pbmc3k(shared_data):
+    from cellfm.tasks.benchmark_data import load_benchmark
+
+    return load_benchmark("pbmc3k", shared_data)
+
+
+def _slice(adata, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return adata[np.sort(rng.choice(adata.n_obs, n, replace=False))].copy()
+
+
+def _config(**kw) -> AnnotatorConfig:
+    return AnnotatorConfig(**{"progress": False, "device": "cpu", **kw})
+
+
+@pytest.fixture(scope="module")
+def fitted(pbmc3k, tiny):
+    ref = _slice(pbmc3k, 400)
+    return CellTypeAnnotator(tiny, _config(max_epochs=15)).fit(ref, LABEL), ref
+
+
+def test_auto_head_trains_both_and_keeps_the_better(fitted):
+    ann, _ = fitted
+    sel = ann.settings["head_selection"]
+    assert set(sel["scores"]) == {"official", "cls_linear"}
+    official_wins = sel["scores"]["official"] > sel["scores"]["cls_linear"] + ann.config.selection_margin
+    assert sel["chosen"] == ("official" if official_wins else "cls_linear") == ann.settings["head"]
+    assert sel["refit_on_all_reference_cells"] == (sel["chosen"] == "cls_linear")
+    assert isinstance(ann.head, AnnotationHead) and ann.head.kind == sel["chosen"]
+    official = [h for h in ann.history if h["phase"].startswith("official")]
+    assert official and all("val_loss_smoothed" in h for h in official)
+    assert ann.settings["n_validation"] >= 100  # a usable validation size, not 10 % of 400
+
+
+def test_predict_writes_key_added_columns_and_roundtrips(fitted, pbmc3k, tmp_path):
+    ann, ref = fitted
+    query = _slice(pbmc3k, 200, seed=1)
+    ann.predict(query, key_added="ct")
+    labels = query.obs["ct_label"].astype(str)
+    assert set(labels) <= set(ann.classes) | {"unknown"}
+    conf = query.obs["ct_confidence"].to_numpy()
+    assert ((conf > 0) & (conf <= 1)).all()
+    rejected = (conf < ann.threshold) | (query.obs["ct_centroid_distance"].to_numpy() > 1)
+    assert ((labels == "unknown").to_numpy() == rejected).all()
+    info = query.uns["ct_annotation"]
+    assert info["rejected_fraction"] == pytest.approx(rejected.mean())
+    closed = query.obs["ct_label_closed_set"].astype(str).to_numpy()
+    by = info["rejected_fraction_by_predicted_class"]
+    for c, share in zip(by["classes"], by["rejected_fraction"], strict=True):
+        assert share == pytest.approx(rejected[closed == c].mean())
+    assert info["head"] == ann.settings["head"] and info["input"]["n_matched"] > 0
+    assert "cellfm_label" not in query.obs
+    query.write_h5ad(tmp_path / "q.h5ad")  # the uns record is h5ad-safe
+    again = CellTypeAnnotator.load(ann.save(tmp_path / "ann"))
+    assert again.settings["head"] == ann.settings["head"] and again.config == ann.config
+    q2 = query.copy()
+    again.predict(q2, key_added="ct")
+    assert (q2.obs["ct_label"].astype(str) == labels).all()
+    np.testing.assert_allclose(q2.obs["ct_confidence"], conf, rtol=1e-5, atol=1e-6)
+    q2.obs = q2.obs.iloc[:, :0]
+    again.predict(q2, key_added="ct", reject=False)
+    assert (q2.obs["ct_label"].astype(str) == q2.obs["ct_label_closed_set"].astype(str)).all()
+
+
+def test_open_set_calibrated_on_held_out_reference_cells(fitted, pbmc3k):
+    ann, ref = fitted
+    assert 0 <= ann.open_set.reference_rejected <= 0.05
+    assert ann.threshold <= 0.5  # lowered from the requested 0.5 only if needed
+    rest = np.setdiff1d(np.arange(pbmc3k.n_obs), np.flatnonzero(pbmc3k.obs_names.isin(ref.obs_names)))
+    query = pbmc3k[np.random.default_rng(2).choice(rest, 300, replace=False)].copy()
+    ann.predict(query)
+    info = query.uns["cellfm_annotation"]
+    assert info["rejected_fraction"] == pytest.approx((query.obs["cellfm_label"] == "unknown").mean())
+    assert info["rejected_fraction"] <= 0.2, info
+    both = (query.obs["cellfm_confidence"] < info["threshold"]) & (query.obs["cellfm_centroid_distance"] > 1)
+    n_either = info["rejected_low_confidence"] + info["rejected_far_from_reference"] - both.sum()
+    assert info["n_rejected"] == n_either
+
+
+def test_linear_head_is_logistic_regression_on_the_cls(pbmc3k, tiny):
+    ref = _slice(pbmc3k, 300)
+    ann = CellTypeAnnotator(tiny, _config(head="cls_linear", val_fraction=0.25)).fit(ref, LABEL)
+    assert isinstance(ann.head, ClsLinearHead) and ann.stops[0]["epochs_run"] == 0
+    y = ref.obs[LABEL].astype(str).to_numpy()
+    query = _slice(pbmc3k, 150, seed=3)
+    ann.predict(query, reject=False)
+    known = np.isin(y, ann.classes)  # the classes the annotator kept (rare ones are dropped)
+    base = cls_logistic_regression(tiny, ref[known], y[known], query)  # the baseline, on the same cells
+    agree = (query.obs["cellfm_label_closed_set"].astype(str).to_numpy() == base).mean()
+    assert agree > 0.95  # chosen, the linear head is refitted on every reference cell: the baseline
+
+
+def test_counts_from_a_layer_go_through_the_contract(pbmc3k, tiny):
+    ref = _slice(pbmc3k, 200)
+    ref.layers["counts"] = ref.X.copy()
+    ref.X = sp.csr_matrix(np.log1p(ref.X.toarray()))  # X is log data: refused, the layer is read
+    cfg = _config(head="cls_linear")
+    with pytest.raises(ValueError, match="layer='counts'"):
+        CellTypeAnnotator(tiny, cfg).fit(ref, LABEL)
+    ann = CellTypeAnnotator(tiny, cfg).fit(ref, LABEL, layer="counts")
+    assert ann.settings["input"]["layer"] == "counts"
+    ann.predict(ref, layer="counts")
+    with pytest.raises(ValueError):
+        ann.predict(ref)  # the same check at predict
+
+
+def test_token_state_cache_on_disk_equals_encoder(pbmc3k, tiny):
+    cells = _slice(pbmc3k, 40)
+    checked = setup_cells(cells, tiny, empty="zero")
+    mem = TokenStates.compute(checked, tiny, torch.device("cpu"), progress=False)
+    disk = TokenStates.compute(checked, tiny, torch.device("cpu"), progress=False, memory_limit=0)
+    assert disk.on_disk and not mem.on_disk
+    rows = np.array([5, 0, 17])
+    (s_mem, m_mem), (s_disk, m_disk) = mem.batch(rows, "cpu"), disk.batch(rows, "cpu")
+    assert torch.equal(s_mem, s_disk) and torch.equal(m_mem, m_disk)
+    batch = next(iter(setup_cells(cells[rows], tiny).batches(3, sort_by_length=False)))
+    with torch.no_grad():
+        states, _ = tiny.module.encode(batch.gene_ids, batch.values, batch.token_mask)
+    assert torch.equal(m_mem, batch.token_mask)
+    torch.testing.assert_close(s_mem[:, 0], states[:, 0])
+    torch.testing.assert_close(s_mem[:, 1:][m_mem], states[:, 1:][m_mem], atol=2e-3, rtol=1e-3)
+
+
+def test_fit_logs_each_epoch_and_says_why_it_stopped(pbmc3k, tiny, caplog):
+    ref = _slice(pbmc3k, 300)
+    with caplog.at_level("INFO", logger="cellfm.tasks.annotation.training"):
+        ann = CellTypeAnnotator(tiny, _config(head="cls_mlp", max_epochs=300, patience=2)).fit(ref, LABEL)
+    stop = ann.stops[0]
+    assert stop["stopped_early"] and stop["epochs_run"] < 300
+    assert stop["epochs_run"] == stop["best_epoch"] + 2  # two epochs without improvement, then stop
+    assert f"stopped early at epoch {stop['epochs_run']} of 300" in caplog.text
+    assert f"kept epoch {stop['best_epoch']}" in caplog.text
+    hist = [h for h in ann.history if h["phase"] == stop["phase"]]
+    assert [h["epoch"] for h in hist] == list(range(1, stop["epochs_run"] + 1))
+    # the criterion is the moving average (weight 0.5 on the newest epoch) of the validation loss
+    ema = hist[0]["val_loss"]
+    for h in hist[1:]:
+        ema = 0.5 * h["val_loss"] + 0.5 * ema
+        assert h["val_loss_smoothed"] == pytest.approx(ema)
+    best = min(hist, key=lambda h: h["val_loss_smoothed"])
+    assert best["epoch"] == stop["best_epoch"]
+
+
+def test_annotator_bad_inputs(pbmc3k, tiny, fitted):
+    ref = _slice(pbmc3k, 200)
+    with pytest.raises(KeyError, match="cell_type"):
+        CellTypeAnnotator(tiny, _config()).fit(ref, "cell_type")
+    one = ref.copy()
+    one.obs["only"] = "T"
+    with pytest.raises(ValueError, match="at least 2"):
+        CellTypeAnnotator(tiny, _config()).fit(one, "only")
+    with pytest.raises(ValueError, match="mode"):
+        _config(mode="partial")
+    with pytest.raises(ValueError, match="head"):
+        _config(head="best")
+    rare = ref.copy()
+    lab = rare.obs[LABEL].astype(str).to_numpy()
+    lab[:3] = "Rare"
+    lab[3:6] = "?"  # unlabelled: ignored
+    rare.obs["lab"] = lab
+    with pytest.warns(UserWarning, match="Rare"):
+        ann = CellTypeAnnotator(tiny, _config(head="cls_linear")).fit(rare, "lab")
+    assert "Rare" not in ann.classes and "?" not in ann.classes
+    alien = ref[:20].copy()
+    alien.var_names = [f"NOTAGENE{i}" for i in range(alien.n_vars)]
+    with pytest.raises(ValueError):
+        fitted[0].predict(alien)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        CellTypeAnnotator(tiny).predict(ref)
+
+
+def test_lora_trains_only_adapters_and_merges(pbmc3k, tiny):
+    copy = trainable_copy(tiny, "lora", 4)
+    trainable = [n for n, p in copy.module.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    before = {k: v.clone() for k, v in tiny.module.state_dict().items()}
+    ref = _slice(pbmc3k, 200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ann = CellTypeAnnotator(tiny, _config(mode="lora", lora_rank=4, max_epochs=1)).fit(ref, LABEL)
+    assert ann.settings["head"] == "official"  # auto means official when the encoder trains
+    for k, v in tiny.module.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert ann.encoder.config.lora_rank == 0
+    assert not any("lora_" in k for k in ann.encoder.module.state_dict())
+    ann.predict(ref[:50].copy())
+
+
+def test_temperature_scaling_calibrates_overconfident_logits():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 4, (2000,), generator=g)
+    logits = torch.randn(2000, 4, generator=g)
+    logits[torch.arange(2000), labels] += 1.0  # right ~60 % of the time ...
+    logits = logits * 8  # ... but nearly always ~100 % sure
+    t = fit_temperature(logits, labels)
+    assert t > 2
+    ece_before = expected_calibration_error(torch.softmax(logits, 1), labels)
+    ece_after = expected_calibration_error(torch.softmax(logits / t, 1), labels)
+    assert ece_after < ece_before / 3
+
+
+def test_evaluate_annotation_is_typed_and_scores_three_ways(pbmc3k, tiny):
+    r = evaluate_annotation(_slice(pbmc3k, 300), LABEL, tiny, _config(head="cls_linear"))
+    methods = list(r.table["method"])
+    assert methods[0].startswith("CellFM") and "logreg PCA of log counts" in methods
+    row = r.table.iloc[0]
+    # over all cells "unknown" counts as wrong, so that score is never above the accepted cells' one
+    assert row["accuracy_all"] <= row["accuracy"] + 1e-9
+    assert row["unknown_share"] == pytest.approx(r.rejected_fraction)
+    assert 0 <= r.score("logreg CellFM CLS") <= 1 and r.n_test == 60
+
+
+def test_cli_annotate_fit_predict_with_truth(pbmc3k, tmp_path):
+    import anndata as ad
+    import typer
+    from typer.testing import CliRunner
+
+    from cellfm.cli.annotate import annotate_app
+
+    app = typer.Typer()
+    app.add_typer(annotate_app, name="annotate")
+    _slice(pbmc3k, 250).write_h5ad(tmp_path / "ref.h5ad")
+    _slice(pbmc3k, 120, seed=4).write_h5ad(tmp_path / "query.h5ad")
+    runner = CliRunner()
+    fit = ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", LABEL, "-o", str(tmp_path / "ann"),
+           "--model", "preset:tiny", "--max-epochs", "3", "--threads", "1", "--max-rejected", "0.1"]
+    res = runner.invoke(app, fit)
+    assert res.exit_code == 0, res.output
+    assert "kept (macro-F1 on" in res.output
+    predict = ["annotate", "predict", str(tmp_path / "query.h5ad"), "--model", str(tmp_path / "ann"),
+               "-o", str(tmp_path / "out.h5ad"), "--truth-key", LABEL,
+               "--reference", str(tmp_path / "ref.h5ad")]
+    res = runner.invoke(app, predict)
+    assert res.exit_code == 0, res.output
+    assert "logreg PCA of log counts" in res.output and "logreg CellFM CLS" in res.output
+    out = ad.read_h5ad(tmp_path / "out.h5ad")
+    assert "cellfm_label" in out.obs and "cellfm_annotation" in out.uns
+    res = runner.invoke(app, [*predict[:7], "--no-reject", "--key-added", "x"])
+    assert res.exit_code == 0, res.output
+    assert (ad.read_h5ad(tmp_path / "out.h5ad").obs["x_label"] != "unknown").all()
+    bad = runner.invoke(app, ["annotate", "fit", str(tmp_path / "ref.h5ad"), "--label-key", "nope", "-o",
+                              str(tmp_path / "x"), "--model", "preset:tiny"])
+    assert bad.exit_code == 1 and "nope" in bad.output
+
+
+def test_from_parts_wraps_an_encoder_and_head_trained_elsewhere(pbmc3k, tiny, tmp_path):
+    from cellfm.model.cell_type_head import CellTypeHead
+
+    torch.manual_seed(1)
+    head = CellTypeHead(32, 4, 3, dropout=0.0)
+    names = ["B", "CD4 T", "NK"]  # the order of the head's outputs
+    cells = _slice(pbmc3k, 60, seed=5)
+    ann = CellTypeAnnotator.from_parts(tiny, head, names, _config())
+    probs = ann.predict_proba(cells).to_numpy()
+    # the same encoder states and token path as the module itself computes, softmax at T = 1
+    batch = next(iter(setup_cells(cells, tiny).batches(60, sort_by_length=False)))
+    with torch.no_grad():
+        states, _ = tiny.module.encode(batch.gene_ids, batch.values, batch.token_mask)
+        want = head(states, batch.token_mask)[0].softmax(-1).numpy()
+    np.testing.assert_allclose(probs, want, atol=2e-3)
+    ann.predict(cells)
+    assert (cells.obs["cellfm_label"] != "unknown").all()  # nothing to calibrate on: no rejection
+    ref = _slice(pbmc3k, 200, seed=6)
+    ref.obs["types"] = ref.obs[LABEL].astype(str).map({"B": "B", "Memory CD4 T": "CD4 T", "NK": "NK"})
+    calibrated = CellTypeAnnotator.from_parts(tiny, head, names, _config(), reference=ref, label_key="types")
+    assert calibrated.temperature != 1.0 and calibrated.open_set.reference_rejected <= 0.05
+    back = CellTypeAnnotator.load(ann.save(tmp_path / "parts"))
+    np.testing.assert_allclose(back.predict_proba(cells).to_numpy(), probs, atol=1e-6)
+    with pytest.raises(ValueError, match="3 cell types but 2 names"):
+        CellTypeAnnotator.from_parts(tiny, head, names[:2])
