@@ -312,3 +312,34 @@ def test_from_parts_wraps_an_encoder_and_head_trained_elsewhere(pbmc3k, tiny, tm
     np.testing.assert_allclose(back.predict_proba(cells).to_numpy(), probs, atol=1e-6)
     with pytest.raises(ValueError, match="3 cell types but 2 names"):
         CellTypeAnnotator.from_parts(tiny, head, names[:2])
+
+
+def test_official_annotation_checkpoint_becomes_an_annotator(tmp_path, shared_data):
+    """The authors' annotation Net (encoder + CellTypeHead) read from a MindSpore checkpoint labels
+    real cells as its own modules do: the annotator's probabilities rank the types as the head's
+    logits on the same tokens."""
+    import anndata as ad
+    from official_annotation import write_official_annotation_checkpoint
+
+    from cellfm.checkpoints import load_official_annotation
+    from cellfm.tasks.annotation import annotator_from_official
+
+    path = tmp_path / "net.ckpt"
+    write_official_annotation_checkpoint(path)
+    _, encoder, head = load_official_annotation(path, n_heads=4)
+    classes = [f"type {i}" for i in range(head.n_classes)]
+    ann = annotator_from_official(path, classes, AnnotatorConfig(progress=False), n_heads=4)
+    cells = ad.read_h5ad(shared_data / "pbmc3k_clustifyr" / "pbmc3k_clustifyr_2000hvg.h5ad")[:24].copy()
+    proba = ann.predict_proba(cells)
+    batch = next(iter(setup_cells(cells, ann.encoder).batches(24, sort_by_length=False)))
+    with torch.no_grad():
+        states, _ = encoder.encode(batch.gene_ids, batch.values, batch.token_mask)
+        token_logits, _ = head(states, batch.token_mask)  # the official prediction: the token path
+    direct = token_logits.argmax(1).numpy()
+    assert list(proba.columns) == classes and np.allclose(proba.sum(1), 1, atol=1e-5)
+    # the cached token states are float16, so only near-ties may differ
+    assert (proba.to_numpy().argmax(1)[batch.cell_index.numpy()] == direct).mean() > 0.9
+    ann.predict(cells, reject=False, key_added="official")
+    assert set(cells.obs["official_label"]) <= set(classes) and ann.settings["source"] == str(path)
+    with pytest.raises(ValueError, match="names were given"):
+        annotator_from_official(path, classes[:-1], n_heads=4)

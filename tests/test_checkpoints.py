@@ -4,11 +4,11 @@ the same outputs; broken files give errors that name the problem."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from official_annotation import write_official_annotation_checkpoint
 
 import cellfm
 from cellfm.checkpoints import (
@@ -260,27 +260,8 @@ def test_official_annotation_checkpoint_imports_into_encoder_and_head(tmp_path):
     from cellfm.checkpoints import load_official_annotation, read_official_annotation
     from cellfm.model.cell_type_head import CellTypeHead
 
-    fixture = Path(__file__).parent / "fixtures" / "parity"
-    z, ref = np.load(fixture / "annotation_inputs.npz"), np.load(fixture / "annotation_official.npz")
-    ours = {k[2:]: z[k] for k in z.files if k.startswith("w:")}
-    table = np.zeros((get_preset("tiny").gene_table_rows, 32), np.float32)
-    table[z["used_rows"]] = z["gene_rows"]
-    official = {}
-    for name in ours:
-        k = re.sub(r"(post_norm\d)\.weight$", r"\1.gamma", name)
-        k = re.sub(r"(post_norm\d)\.bias$", r"\1.beta", k)
-        if k.startswith("enc."):
-            k = "extractor." + re.sub(r"^value_enc\.(w1|w3|table|a)\b", r"value_enc.value_enc.\1", k[4:])
-        else:
-            k = k[5:]
-        official[k] = ours[name]
-    official["extractor.gene_emb"] = table
-    wanted = {k[2:] for k in ref.files if k.startswith("g:")}  # every parameter of the official Net
-    official = {k: v for k, v in official.items() if k in wanted}
-    assert set(official) == wanted
-    official.update({f"moment1.{k}": np.zeros_like(v) for k, v in official.items()})  # Adam state
     path = tmp_path / "annotation_net.ckpt"
-    write_mindspore_checkpoint(official, path)
+    z, ref = write_official_annotation_checkpoint(path)
 
     config, enc_state, head_state = read_official_annotation(path, n_heads=4)
     assert config.pad_zero and not config.add_zero and config.n_layers == 4

@@ -21,10 +21,10 @@ from sklearn.preprocessing import StandardScaler
 from cellfm.cellfm import CellFM
 from cellfm.contract.setup import setup_cells
 from cellfm.embedding.engine import embed_cells
+from cellfm.evaluation.baselines import pca_logistic_regression
 from cellfm.tasks.annotation.annotator import UNKNOWN, CellTypeAnnotator
 from cellfm.tasks.annotation.config import AnnotatorConfig
 from cellfm.tasks.annotation.reference import checked_labels
-from cellfm.tasks.baselines import pca_logistic_regression
 
 BASELINE_PCA = "logreg PCA of log counts"
 BASELINE_CLS = "logreg CellFM CLS"
