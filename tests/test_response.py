@@ -75,11 +75,11 @@ def _invoke(args: list[str]):
 
 
 @pytest.mark.parametrize("case, code, pattern", [
-    ("missing_column", 2, r"no column 'nope'.*--condition-key COLUMN"),
+    ("missing_column", 1, r"no column 'nope'.*--condition-key COLUMN"),
     ("unknown_control", 2, r"never equals 'NT'.*--control NAME"),
     ("unknown_treated", 2, r"no condition 'XYZ\+ctrl'.*--treated CONDITION"),
-    ("missing_group", 2, r"no column 'donor'.*--group-key COLUMN"),
-    ("lognormalised", 2, r"raw"),
+    ("missing_group", 1, r"no column 'donor'.*--group-key COLUMN"),
+    ("lognormalised", 1, r"raw"),
     ("missing_model", 2, r"--model is required"),
 ])
 def test_response_cli_refuses_bad_input(screen_path, tmp_path, case, code, pattern):

@@ -24,7 +24,6 @@ from cellfm.tasks.perturbation import evaluate_perturbation
 from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
 from cellfm.tasks.perturbation_gears import GearsConfig, require_gears
 from cellfm.tasks.perturbation_reverse import reverse_markdown
-from cellfm.wording import cli_wording
 
 
 def perturb(
@@ -96,20 +95,15 @@ def _perturb(output, model, data_dir, input, condition_key, control, size_factor
     except FileNotFoundError as err:
         fail(str(err), 2)
     cfg = GearsConfig(epochs=epochs, max_cells_per_condition=max_cells_per_condition or None)
-    try:
-        with cli_wording():  # the input checks run first and name flags
-            if method == "embedding":
-                r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds,
-                                          condition_key=condition_key, control=control,
-                                          size_factor_key=size_factor_key)
-            else:
-                r = evaluate_perturbation_gears(
-                    adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
-                    condition_key=condition_key, control=control, size_factor_key=size_factor_key,
-                    reverse=reverse, celleval_dir=output / "cell_eval", log=typer.echo,
-                )
-    except (KeyError, ValueError, FileNotFoundError) as err:
-        fail(err.args[0], 2)
+    if method == "embedding":  # the input checks run first (run_cli: one error line, CLI words)
+        r = evaluate_perturbation(adata, cfm, reference=ref, n_folds=n_folds, condition_key=condition_key,
+                                  control=control, size_factor_key=size_factor_key)
+    else:
+        r = evaluate_perturbation_gears(
+            adata, cfm, go_dir, seeds=tuple(range(1, splits + 1)), config=cfg,
+            condition_key=condition_key, control=control, size_factor_key=size_factor_key,
+            reverse=reverse, celleval_dir=output / "cell_eval", log=typer.echo,
+        )
     output.mkdir(parents=True, exist_ok=True)
     if method == "embedding":
         write_tsv(r.table, output / "perturbation_scores.tsv")

@@ -14,7 +14,6 @@ from cellfm.io.write import write_h5ad, write_text
 from cellfm.tasks.cellot import CellOTConfig
 from cellfm.tasks.response import ResponseConfig, predict_response
 from cellfm.tasks.response_scores import response_markdown
-from cellfm.wording import cli_wording
 
 
 def response(
@@ -80,11 +79,7 @@ def _response(console, input, output, model, condition_key, control, treated, gr
         size_factor_key=size_factor_key, n_hvg=n_hvg, n_pcs=n_pcs, test_fraction=test_fraction,
         max_cells_per_condition=max_cells_per_condition or None, seed=seed,
         cellot=CellOTConfig(iters=iters, seed=seed))
-    try:
-        with cli_wording():
-            r = predict_response(adata, cfm, cfg, log=lambda m: console.print(m, markup=False))
-    except (KeyError, ValueError) as err:
-        fail(str(err.args[0]), 2)
+    r = predict_response(adata, cfm, cfg, log=lambda m: console.print(m, markup=False))  # under run_cli
     output.mkdir(parents=True, exist_ok=True)
     write_tsv(r.scores, output / "scores.tsv")
     write_text(output / "scores.md", response_markdown(r.scores))

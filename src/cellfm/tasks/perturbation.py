@@ -28,11 +28,13 @@ from sklearn.model_selection import KFold
 from sklearn.preprocessing import StandardScaler
 
 from cellfm.contract.counts import check_counts
+from cellfm.contract.genes import gene_names, refuse_duplicate_genes
+from cellfm.contract.setup import VocabularyModel, setup_cells
 from cellfm.embedding.memory import get_gene_embeddings
 from cellfm.evaluation.baselines import gene_expression_stats, random_gene_embeddings
 from cellfm.tasks.gene_function import vocab_symbols_of
 from cellfm.tokenizer import lognorm
-from cellfm.wording import arg
+from cellfm.wording import UsageError, arg
 
 if TYPE_CHECKING:
     import anndata as ad
@@ -62,14 +64,18 @@ class Screen:
 
 def read_screen(
     adata: ad.AnnData, condition_key: str = "condition", control: str = "ctrl",
-    size_factor_key: str | None = None,
+    size_factor_key: str | None = None, model: VocabularyModel | None = None,
 ) -> Screen:
-    """Check a screen's conditions and raw counts (the shared count judge) and log-normalise it.
-
-    Every perturbation workflow starts here, so the checks run once and read the same way.
-    """
+    """Check a screen and log-normalise it: with the `model` it will meet, the whole input contract
+    (`setup_cells`: counts, gene names, empty input), else the count judge and the duplicate
+    check; then its conditions. Every perturbation workflow starts here, so the checks run once
+    and read as in every other command."""
+    if model is not None:
+        setup_cells(adata, model, empty="zero")
+    else:
+        refuse_duplicate_genes(gene_names(adata, None), None)
+        check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
     cond = condition_labels(adata, condition_key, control)
-    check_counts(adata.X, where="adata.X", fix="pass a screen with raw UMI counts in X")
     totals = None
     if size_factor_key is not None:
         if size_factor_key not in adata.obs.columns:
@@ -87,13 +93,14 @@ def perturbation_effects(
     control: str = "ctrl",
     size_factor_key: str | None = None,
     min_cells: int = 20,
+    model: VocabularyModel | None = None,
 ) -> pd.DataFrame:
     """Mean log-normalised expression change per perturbation, (n_perturbations, n_genes).
 
     Conditions are named GEARS-style, "GENE+ctrl"; the index holds GENE. Perturbations with fewer
     than `min_cells` cells are left out.
     """
-    return screen_effects(read_screen(adata, condition_key, control, size_factor_key), min_cells)
+    return screen_effects(read_screen(adata, condition_key, control, size_factor_key, model), min_cells)
 
 
 def screen_effects(screen: Screen, min_cells: int = 20) -> pd.DataFrame:
@@ -125,7 +132,7 @@ def condition_labels(
         )
     cond = adata.obs[condition_key].astype(str).to_numpy()
     if not (cond == control).any():
-        raise ValueError(f"no control cells: obs[{condition_key!r}] never equals {control!r}; pass "
+        raise UsageError(f"no control cells: obs[{condition_key!r}] never equals {control!r}; pass "
                          f"{arg('control', placeholder='name')} with the control condition's name")
     return cond
 
@@ -206,7 +213,7 @@ def evaluate_perturbation(
 
     `reference`: real cells (raw counts, many genes) for the expression-statistics baseline.
     """
-    effects = perturbation_effects(adata, condition_key, control, size_factor_key)
+    effects = perturbation_effects(adata, condition_key, control, size_factor_key, model=model)
     genes = effects.index.tolist()
     feats = perturbation_gene_features(genes, model, reference, seed)
     Y = effects.to_numpy()

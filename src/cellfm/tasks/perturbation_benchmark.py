@@ -109,7 +109,7 @@ def evaluate_perturbation_gears(
     tmp = tempfile.TemporaryDirectory(prefix="cellfm-gears-") if workdir is None else None
     work = Path(tmp.name if tmp else workdir)
     try:
-        screen = read_screen(adata, condition_key, control, size_factor_key)  # every check, once
+        screen = read_screen(adata, condition_key, control, size_factor_key, model)  # every check, once
         np.random.seed(0)  # GEARS pairs cells with random control cells through numpy's global RNG
         gene2go = load_gene2go(go_dir)
         screen = _known_targets(screen, gene2go, log)

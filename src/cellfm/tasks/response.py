@@ -29,7 +29,7 @@ from sklearn.decomposition import PCA
 from cellfm.tasks.cellot import CellOTConfig, fit_cellot
 from cellfm.tasks.perturbation import read_screen
 from cellfm.tasks.response_scores import METRICS, RidgeDecoder, population_scores
-from cellfm.wording import arg
+from cellfm.wording import UsageError, arg
 
 if TYPE_CHECKING:
     from cellfm.cellfm import CellFM
@@ -87,7 +87,7 @@ def predict_response(
     cfg = config or ResponseConfig()
     say = log or (lambda _msg: None)
     _check_config(cfg)
-    screen = read_screen(adata, cfg.condition_key, cfg.control, cfg.size_factor_key)
+    screen = read_screen(adata, cfg.condition_key, cfg.control, cfg.size_factor_key, model)
     treated = _treated(screen.conditions, cfg)
     groups = _groups(adata, cfg.group_key)
     keep = _subsample(screen.conditions, [cfg.control, *treated], cfg.max_cells_per_condition, cfg.seed)
@@ -170,12 +170,12 @@ def _splits(n: int, groups: np.ndarray | None, cfg: ResponseConfig):
 
 def _check_config(cfg: ResponseConfig) -> None:
     if not 0 < cfg.test_fraction < 1:
-        raise ValueError(f"{arg('test_fraction', cfg.test_fraction)} must lie between 0 and 1")
+        raise UsageError(f"{arg('test_fraction', cfg.test_fraction)} must lie between 0 and 1")
     unknown = sorted(set(cfg.spaces) - set(SPACES))
     if unknown or not cfg.spaces:
-        raise ValueError(f"{arg('spaces')} must name some of {', '.join(SPACES)}; got {list(cfg.spaces)}")
+        raise UsageError(f"{arg('spaces')} must name some of {', '.join(SPACES)}; got {list(cfg.spaces)}")
     if cfg.n_hvg < 2 or cfg.n_pcs < 1:
-        raise ValueError(f"{arg('n_hvg')} must be >= 2 and {arg('n_pcs')} >= 1")
+        raise UsageError(f"{arg('n_hvg')} must be >= 2 and {arg('n_pcs')} >= 1")
 
 
 def _treated(cond: np.ndarray, cfg: ResponseConfig) -> list[str]:
@@ -184,10 +184,10 @@ def _treated(cond: np.ndarray, cfg: ResponseConfig) -> list[str]:
     unknown = [t for t in treated if t not in present]
     if unknown:
         sample = ", ".join(sorted(present - {cfg.control})[:8])
-        raise ValueError(f"obs[{cfg.condition_key!r}] has no condition {unknown[0]!r}; pass "
+        raise UsageError(f"obs[{cfg.condition_key!r}] has no condition {unknown[0]!r}; pass "
                          f"{arg('treated', placeholder='condition')} with one of: {sample}")
     if cfg.control in treated:
-        raise ValueError(f"{cfg.control!r} is the control; pass other conditions as "
+        raise UsageError(f"{cfg.control!r} is the control; pass other conditions as "
                          f"{arg('treated', placeholder='condition')}")
     if not treated:
         raise ValueError(f"obs[{cfg.condition_key!r}] holds only the control {cfg.control!r}")

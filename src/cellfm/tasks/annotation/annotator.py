@@ -94,6 +94,8 @@ class CellTypeAnnotator:
         labels in `obs[label_key]`. Unlabelled cells (`cellfm.contract.labels`) are ignored; classes
         with fewer than `min_cells_per_class` cells are dropped with a warning."""
         cfg = self.config
+        read = dict(layer=layer, use_raw=use_raw, gene_key=gene_key)
+        cells = setup_cells(adata, self.encoder, empty="zero", seed=cfg.seed, **read)  # the input first
         labels = checked_labels(adata, label_key, cfg.min_cells_per_class)
         keep = labels.notna().to_numpy()
         ref = adata if keep.all() else adata[keep]
@@ -102,7 +104,6 @@ class CellTypeAnnotator:
         y = np.searchsorted(self.classes, y_str)
         n_cls = len(self.classes)
         dev = resolve_device(cfg.device)
-        read = dict(layer=layer, use_raw=use_raw, gene_key=gene_key)
 
         base, st_weights = self.encoder, None
         if cfg.st_tokens:
@@ -110,7 +111,8 @@ class CellTypeAnnotator:
             base, st_weights = st_encoder(base, cfg.mode)
         if cfg.mode != "frozen" or base is not self.encoder:
             self.encoder_source = None
-        cells = setup_cells(ref, base, empty="zero", seed=cfg.seed, **read)
+        if ref is not adata:  # the labelled cells only
+            cells = setup_cells(ref, base, empty="zero", seed=cfg.seed, **read)
         self.reference_genes = sorted(set(cells.mapping.names[cells.mapping.token_ids > 0].astype(str)))
         split = validation_split(y, cfg.val_fraction, cfg.min_val_cells, cfg.seed)
         train_idx, val_idx = split
