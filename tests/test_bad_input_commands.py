@@ -61,8 +61,8 @@ def annotator(cells, model_dir, tmp_path_factory) -> Path:
     good = folder / "ref.h5ad"
     cells.write_h5ad(good)
     result = runner.invoke(app, ["annotate", "fit", str(good), "--label-key", "label",
-                                 "-o", str(folder / "a"), "--model", str(model_dir), "--max-epochs", "1", "--min-cells-per-class", "2",
-                                 "--threads", "1"])
+                                 "-o", str(folder / "a"), "--model", str(model_dir), "--max-epochs", "1",
+                                 "--min-cells-per-class", "2", "--threads", "1"])
     assert result.exit_code == 0, result.output
     return folder / "a"
 
