@@ -98,7 +98,7 @@ def test_filter_and_bad_queries_name_the_flag(experiment, tmp_path):
         line = next(ln for ln in p.stdout.splitlines() if ln.startswith("skipped"))
         assert words in line, line
         if flags[-1] == "normalized":
-            assert "non-integer" in line
+            assert "log-transformed" in line
 
 
 def test_stream_gives_the_corpus_tokens_and_covers_every_cell(experiment, soma_corpus):
