@@ -3,6 +3,9 @@
 Retention per head: O = relu(Q)/sqrt(hd) @ ((relu(K)/sqrt(hd) * key_mask)^T @ (V * len_scale)),
 then O / ||O / sqrt(hd)|| (a weightless RMS norm), gated by SiLU(U). Cost O(L * d^2): the L x L
 matrix is never formed, so a cell of 16k genes costs 8x a cell of 2k genes.
+
+The `*_packed` methods take cells one after another in one (N, D) stream, no padding: every
+per-token op runs on N real tokens and each cell's Kᵀ·V is the sum over its own segment.
 """
 
 from __future__ import annotations
@@ -64,6 +67,32 @@ class MultiHeadRetention(nn.Module):
         o = (o * u).transpose(1, 2).reshape(B, S, D)
         return self.o_proj(o)  # (B, S, D)
 
+    def forward_packed(
+        self, x: torch.Tensor, lengths: list[int], v_scale: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Retention of packed cells: x (N, D), cell b owns the next lengths[b] rows, all of them keys;
+        v_scale (N, 1) each token's V factor (its cell's length scale). `rows` (B,), the one query
+        row per cell (its CLS) whose output is wanted, else every row. Returns (N or B, D)."""
+        N, D = x.shape
+        h, hd = self.n_heads, self.head_dim
+        scale = hd**-0.5
+        k = (F.relu(self.k_proj(x)) * scale).view(N, h, hd)  # (N, h, hd)
+        v = (self.v_proj(x) * v_scale).view(N, h, hd)  # (N, h, hd)
+        # per cell: (h, hd, L_b) @ (h, L_b, hd) -> (h, hd, hd); a segment sum of k_t v_t^T
+        kv = torch.stack([kb.permute(1, 2, 0) @ vb.transpose(0, 1)
+                          for kb, vb in zip(k.split(lengths), v.split(lengths), strict=True)])  # (B, h, hd, hd)
+        xq = x if rows is None else x[rows]  # (S, D)
+        S = xq.shape[0]
+        q = (F.relu(self.q_proj(xq)) * scale).view(S, h, hd)  # (S, h, hd)
+        if rows is None:  # every token queries its own cell's kv
+            o = torch.cat([(qb.transpose(0, 1) @ kv_b).transpose(0, 1)
+                           for qb, kv_b in zip(q.split(lengths), kv, strict=True)])  # (N, h, hd)
+        else:
+            o = (q.unsqueeze(2) @ kv).squeeze(2)  # (B, h, 1, hd) @ (B, h, hd, hd) -> (B, h, hd)
+        o = head_rms_norm(o)
+        u = F.silu(self.u_proj(xq)).view(S, h, hd)
+        return self.o_proj((o * u).reshape(S, D))  # (S, D)
+
 
 class GatedLinearUnit(nn.Module):
     """o = W_o((W_u x) * (W_v x)): bias-free, no activation (official GatedLinearUnit)."""
@@ -113,4 +142,13 @@ class RetentionLayer(nn.Module):
         layer costs 2 d^2 per token instead of 8 d^2. Equal to `forward(...)[:, :1]`."""
         first = x[:, :1]  # (B, 1, D)
         y = self.post_norm1(first * self.alpha + self.dropout(self.attn(x, key_mask, len_scale, first)))
+        return self.post_norm2(y * self.alpha + self.dropout(self.ffn(y)))
+
+    def forward_packed(
+        self, x: torch.Tensor, lengths: list[int], v_scale: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`forward` on packed cells, x (N, D) (see `MultiHeadRetention.forward_packed`); with
+        `rows` (B,) only those rows' outputs (B, D), as `forward_first_row`."""
+        first = x if rows is None else x[rows]
+        y = self.post_norm1(first * self.alpha + self.dropout(self.attn.forward_packed(x, lengths, v_scale, rows)))
         return self.post_norm2(y * self.alpha + self.dropout(self.ffn(y)))
