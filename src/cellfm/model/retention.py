@@ -78,9 +78,9 @@ class MultiHeadRetention(nn.Module):
         scale = hd**-0.5
         k = (F.relu(self.k_proj(x)) * scale).view(N, h, hd)  # (N, h, hd)
         v = (self.v_proj(x) * v_scale).view(N, h, hd)  # (N, h, hd)
-        # per cell: (h, hd, L_b) @ (h, L_b, hd) -> (h, hd, hd); a segment sum of k_t v_t^T
-        kv = torch.stack([kb.permute(1, 2, 0) @ vb.transpose(0, 1)
-                          for kb, vb in zip(k.split(lengths), v.split(lengths), strict=True)])  # (B, h, hd, hd)
+        # per cell: (h, hd, L_b) @ (h, L_b, hd) -> (h, hd, hd), a segment sum of k_t v_t^T
+        segments = zip(k.split(lengths), v.split(lengths), strict=True)
+        kv = torch.stack([kb.permute(1, 2, 0) @ vb.transpose(0, 1) for kb, vb in segments])  # (B, h, hd, hd)
         xq = x if rows is None else x[rows]  # (S, D)
         S = xq.shape[0]
         q = (F.relu(self.q_proj(xq)) * scale).view(S, h, hd)  # (S, h, hd)
@@ -150,5 +150,6 @@ class RetentionLayer(nn.Module):
         """`forward` on packed cells, x (N, D) (see `MultiHeadRetention.forward_packed`); with
         `rows` (B,) only those rows' outputs (B, D), as `forward_first_row`."""
         first = x if rows is None else x[rows]
-        y = self.post_norm1(first * self.alpha + self.dropout(self.attn.forward_packed(x, lengths, v_scale, rows)))
+        attn = self.attn.forward_packed(x, lengths, v_scale, rows)
+        y = self.post_norm1(first * self.alpha + self.dropout(attn))
         return self.post_norm2(y * self.alpha + self.dropout(self.ffn(y)))
