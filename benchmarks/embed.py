@@ -129,7 +129,7 @@ def run_preset(preset: str, data: str, n_cells: int, batch_size: int, threads: i
 
 # ---- padded vs packed vs the authors' port -----------------------------------------------------
 def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_size: int, threads: int,
-                rounds: int, port_padded: bool, budgets: list[int]) -> dict:
+                rounds: int, port_padded: bool, budgets: list[int], extra: bool = True) -> dict:
     """Padded batches, packed streams and (with `port`) the authors' port, interleaved round by
     round (A B C A B C ...) on the same real cells and random weights."""
     torch.set_num_threads(threads)
@@ -142,14 +142,14 @@ def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_si
     cells = load_cells(Path(data), n_cells, cfg.max_genes, cfg.n_genes)
     batches = make_batches(cells, batch_size)  # sorted by length, as cellfm.embed batches a chunk
     singles = make_batches(cells, 1)
+
     def packed(packs):
         return lambda: [module.cell_embedding_packed(pk) for pk in packs]
 
-    methods = {
-        f"padded, batch {batch_size} (embed)": lambda: [module.cell_embedding(*b) for b in batches],
-        "padded, 1 cell a pass": lambda: [module.cell_embedding(*b) for b in singles],
-        f"packed, {len(cells)} cells in 1 pack": packed(make_packs(cells, None)),
-    }
+    methods = {f"padded, batch {batch_size} (embed)": lambda: [module.cell_embedding(*b) for b in batches]}
+    if extra:
+        methods["padded, 1 cell a pass"] = lambda: [module.cell_embedding(*b) for b in singles]
+        methods[f"packed, {len(cells)} cells in 1 pack"] = packed(make_packs(cells, None))
     for t in budgets:
         methods[f"packed, <= {t} tokens a pack"] = packed(make_packs(cells, t))
     if port:
@@ -162,6 +162,7 @@ def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_si
             methods["port, padded to 2048"] = lambda: [
                 theirs.embedding_infer(v, i, None, m.float())[0][:, 0] for i, v, m in full]
     times = {name: [] for name in methods}
+    cpu = {name: [] for name in methods}
     peaks = dict.fromkeys(methods, 0.0)
     with torch.inference_mode():
         ref = torch.cat([module.encode(*b)[0][:, 0] for b in batches])  # the full forward's CLS
@@ -169,9 +170,10 @@ def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_si
         for _ in range(rounds):
             for name, fn in methods.items():
                 with PeakExtraRSS() as mem:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.thread_time()
                     fn()
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.thread_time() - c)
                 peaks[name] = max(peaks[name], mem.extra)
     padded_tokens = sum(b[0].numel() for b in batches)
     real_tokens = sum(len(c[0]) for c in cells)
@@ -179,6 +181,7 @@ def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_si
         "cells": len(cells), "mean_genes": real_tokens / len(cells),
         "padding": padded_tokens / real_tokens - 1,
         "rows": [{"name": n, "min": min(t), "median": statistics.median(t), "peak": peaks[n],
+                  "cpu_min": min(cpu[n]), "cpu_median": statistics.median(cpu[n]),
                   "max_diff": (outs[n] - ref).abs().max().item(),
                   "min_cos": F.cosine_similarity(outs[n], ref, dim=-1).min().item()}
                  for n, t in times.items()],
@@ -257,6 +260,8 @@ def main() -> None:
                    help="--compare: token budgets of packs to time")
     p.add_argument("--vs-preset", default="80m")
     p.add_argument("--rounds", type=int, default=3, help="--vs-port rounds (>= 3)")
+    p.add_argument("--skip-extra", action="store_true",
+                   help="--compare: leave out the 1-cell padded and the all-cells-in-1-pack rows")
     p.add_argument("--port-padded", action="store_true", help="--vs-port: also the port padded to 2048")
     p.add_argument("--many-cells", type=int, default=None, metavar="N",
                    help="only: peak RSS of streaming embed_file for 1,000 vs N synthetic cells (tiny model)")
@@ -326,7 +331,7 @@ def compare(args, data: Path, batch_size: int, source: str) -> None:
         raise SystemExit("--rounds must be at least 3")
     n_cells = args.cells or 32
     r = in_fresh_process(run_compare, args.vs_port, args.vs_preset, str(data), n_cells, batch_size,
-                         args.threads, args.rounds, args.port_padded, args.budgets)
+                         args.threads, args.rounds, args.port_padded, args.budgets, not args.skip_extra)
     print(f"torch {torch.__version__}, {args.threads} thread(s), preset {args.vs_preset}, fp32, random "
           f"weights; {r['cells']} real cells of {data} ({r['mean_genes']:.0f} genes a cell on average); "
           f"padded batch size {batch_size} from {source} ({r['padding'] * 100:.0f}% padding tokens); "
@@ -334,19 +339,21 @@ def compare(args, data: Path, batch_size: int, source: str) -> None:
     rows = r["rows"]
     base = rows[0]
     port = next((x for x in rows if x["name"].startswith("port, batch")), None)
-    print(f"{'method':30s} {'min s':>7s} {'median s':>8s} {'cells/s min|med':>16s} {'vs embed min|med':>17s} "
-          f"{'vs port min|med':>16s} {'peak +RSS MiB':>13s} {'max |diff|':>10s} {'min cos':>8s}")
-    for x in rows:
-        def ratio(other, x=x):
-            if other is None:
-                return "-"
-            return f"{other['min'] / x['min']:.2f}x|{other['median'] / x['median']:.2f}x"
+    clocks = (("wall-clock", "min", "median"), ("CPU time of the main thread", "cpu_min", "cpu_median"))
+    for clock, lo, med in clocks:
+        print(f"\n{clock}:")
+        print(f"{'method':30s} {'min s':>7s} {'median s':>8s} {'cells/s min|med':>16s} "
+              f"{'vs embed min|med':>17s} {'vs port min|med':>16s} {'peak +RSS MiB':>13s} {'max |diff|':>10s} {'min cos':>8s}")
+        for x in rows:
+            def ratio(other, x=x, lo=lo, med=med):
+                return "-" if other is None else f"{other[lo] / x[lo]:.2f}x|{other[med] / x[med]:.2f}x"
 
-        print(f"{x['name']:30s} {x['min']:7.2f} {x['median']:8.2f} "
-              f"{r['cells'] / x['min']:7.2f}|{r['cells'] / x['median']:<7.2f} {ratio(base):>17s} "
-              f"{ratio(port):>16s} {x['peak']:13.0f} {x['max_diff']:10.2e} {x['min_cos']:8.5f}")
-    print("(vs X: X's time / this method's time, from the min and from the median of the rounds; "
-          "diff and cos against the full forward's CLS output)")
+            print(f"{x['name']:30s} {x[lo]:7.2f} {x[med]:8.2f} "
+                  f"{r['cells'] / x[lo]:7.2f}|{r['cells'] / x[med]:<7.2f} {ratio(base):>17s} "
+                  f"{ratio(port):>16s} {x['peak']:13.0f} {x['max_diff']:10.2e} {x['min_cos']:8.5f}")
+    print("(vs X: X's time / this method's time, from the min and from the median of the rounds; diff and "
+          "cos against the full forward's CLS output; with 1 thread the CPU time leaves out the time the "
+          "machine's other jobs held the core)")
 
 
 if __name__ == "__main__":
