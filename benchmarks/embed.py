@@ -343,7 +343,8 @@ def compare(args, data: Path, batch_size: int, source: str) -> None:
     for clock, lo, med in clocks:
         print(f"\n{clock}:")
         print(f"{'method':30s} {'min s':>7s} {'median s':>8s} {'cells/s min|med':>16s} "
-              f"{'vs embed min|med':>17s} {'vs port min|med':>16s} {'peak +RSS MiB':>13s} {'max |diff|':>10s} {'min cos':>8s}")
+              f"{'vs embed min|med':>17s} {'vs port min|med':>16s} {'peak +RSS MiB':>13s} "
+              f"{'max |diff|':>10s} {'min cos':>8s}")
         for x in rows:
             def ratio(other, x=x, lo=lo, med=med):
                 return "-" if other is None else f"{other[lo] / x[lo]:.2f}x|{other[med] / x[med]:.2f}x"
