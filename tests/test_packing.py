@@ -92,7 +92,7 @@ def test_80m_shape_on_real_cells(pbmc_batch):
 
 
 def test_cells_of_very_different_lengths_in_one_pack(pbmc_batch):
-    """A 1-gene cell, an empty-ish 3-gene cell and a real cell: each equals its own solo pass."""
+    """A 1-gene cell, the longest real cell and a 3-gene cell: each equals its own solo pass."""
     module = make(SMALL)
     batch = pbmc_batch
     longest = int(batch.token_mask.sum(1).argmax())
@@ -106,6 +106,18 @@ def test_cells_of_very_different_lengths_in_one_pack(pbmc_batch):
                            for g, v in cells])
     assert n > 1000
     assert (together - alone).abs().max() <= 1e-5
+
+
+def test_a_cell_without_genes_is_its_cls_alone(pbmc_batch):
+    """An empty cell in a pack gives what the padded path gives for an all-padding row."""
+    module = make(SMALL)
+    g, v = pbmc_batch.gene_ids[0, :7], pbmc_batch.values[0, :7]
+    empty = torch.zeros(0, dtype=torch.long)
+    with torch.inference_mode():
+        together = module.cell_embedding_packed(pack_cells([g, empty, g], [v, empty.float(), v]))
+        padded = module.cell_embedding(torch.stack([g, torch.zeros_like(g), g]), torch.stack([v, 0 * v, v]),
+                                       torch.tensor([[True] * 7, [False] * 7, [True] * 7]))
+    assert (together - padded).abs().max() <= 1e-5
 
 
 def test_token_budget_packs_cover_every_cell_once(pbmc_batch):
