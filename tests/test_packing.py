@@ -114,10 +114,12 @@ def test_a_cell_without_genes_is_its_cls_alone(pbmc_batch):
     g, v = pbmc_batch.gene_ids[0, :7], pbmc_batch.values[0, :7]
     empty = torch.zeros(0, dtype=torch.long)
     with torch.inference_mode():
-        together = module.cell_embedding_packed(pack_cells([g, empty, g], [v, empty.float(), v]))
+        packed = pack_cells([g, empty, g], [v, empty.float(), v])
+        together = module.cell_embedding_packed(packed)
+        on_grid = module.cell_embedding_packed(packed, grid=True)
         padded = module.cell_embedding(torch.stack([g, torch.zeros_like(g), g]), torch.stack([v, 0 * v, v]),
                                        torch.tensor([[True] * 7, [False] * 7, [True] * 7]))
-    assert (together - padded).abs().max() <= 1e-5
+    assert (together - padded).abs().max() <= 1e-5 and (on_grid - padded).abs().max() <= 1e-5
 
 
 def test_token_budget_packs_cover_every_cell_once(pbmc_batch):
@@ -135,3 +137,19 @@ def test_token_budget_packs_cover_every_cell_once(pbmc_batch):
         split = torch.cat([module.cell_embedding_packed(p) for p in packs])
     assert (whole - split).abs().max() <= 1e-5
     assert list(token_budget_groups([5, 5000, 2, 2], 100)) == [[0], [1], [2, 3]]
+
+
+@pytest.mark.parametrize("st", [False, True], ids=["plain", "st-tokens"])
+def test_grid_core_equals_the_per_cell_loop(pbmc_batch, st):
+    """Kᵀ·V through the (cells, longest) grid (the GPU default) equals the per-cell matmuls."""
+    module = make(SMALL.replace(n_layers=3, lora_rank=2, st_tokens=st))
+    order = torch.argsort(pbmc_batch.token_mask.sum(1))
+    rows = torch.cat([order[:5], order[-3:]]).sort().values
+    batch = type(pbmc_batch)(pbmc_batch.gene_ids[rows], pbmc_batch.values[rows], pbmc_batch.token_mask[rows],
+                             totals=pbmc_batch.totals[rows])
+    st_feat = st_features(batch.totals) if st else None
+    with torch.inference_mode():
+        padded = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)
+        loop = module.cell_embedding_packed(pack_batch(batch), st_feat=st_feat, grid=False)
+        grid = module.cell_embedding_packed(pack_batch(batch), st_feat=st_feat, grid=True)
+    assert (grid - loop).abs().max() <= 1e-5 and (grid - padded).abs().max() <= 1e-5

@@ -21,7 +21,7 @@ from torch import nn
 
 from cellfm.config import ModelConfig
 from cellfm.model.decoders import CellwiseDecoder, ValueDecoder
-from cellfm.model.retention import RetentionLayer
+from cellfm.model.retention import RetentionLayer, Segments
 from cellfm.model.st_tokens import STTokens
 from cellfm.model.value_encoder import ValueEncoder
 from cellfm.tokenizer.packing import PackedBatch
@@ -112,9 +112,13 @@ class CellFMModule(nn.Module):
         return last.forward_first_row(x, key_masks[-1], len_scale)[:, 0]  # (B, D)
 
     @torch.inference_mode()
-    def cell_embedding_packed(self, packed: PackedBatch, st_feat: torch.Tensor | None = None) -> torch.Tensor:
+    def cell_embedding_packed(
+        self, packed: PackedBatch, st_feat: torch.Tensor | None = None, grid: bool | None = None
+    ) -> torch.Tensor:
         """`cell_embedding` of packed cells (B, D), without padding: N genes + B CLS (+ 2B ST) tokens
-        in one stream; every token is a key (no hidden values at inference)."""
+        in one stream; every token is a key (no hidden values at inference). `grid`: Kᵀ·V through
+        a (cells, longest) grid in one batched matmul instead of a matmul per cell (`Segments`);
+        None = on CUDA only."""
         c = self.config
         lengths = packed.cu_seqlens.diff()  # (B,) genes per cell
         B, N = lengths.shape[0], packed.gene_ids.shape[0]
@@ -132,17 +136,23 @@ class CellFMModule(nn.Module):
         # stream: cell b = [its P lead tokens, its genes]; gene t of cell b moves P (b + 1) rows down
         cell = torch.repeat_interleave(torch.arange(B, device=x.device), lengths, output_size=N)  # (N,)
         starts = packed.cu_seqlens[:-1] + P * torch.arange(B, device=x.device)  # (B,) CLS rows
-        stream = x.new_empty(N + P * B, x.shape[1])  # (N + PB, D)
+        T = N + P * B
+        stream = x.new_empty(T, x.shape[1])  # (T = N + PB, D)
         stream[torch.arange(N, device=x.device) + P * (cell + 1)] = x
         stream[(starts.unsqueeze(1) + torch.arange(P, device=x.device)).flatten()] = lead.reshape(B * P, -1)
         # V length scale 1/sqrt(genes of the cell), as `_tokens`
         len_scale = torch.rsqrt(lengths.to(x.dtype).clamp_min(1.0))  # (B,)
-        seg = (lengths + P).tolist()
-        v_scale = torch.repeat_interleave(len_scale, lengths + P, output_size=N + P * B).unsqueeze(-1)
+        seg_len = lengths + P  # (B,) tokens of each cell in the stream
+        v_scale = torch.repeat_interleave(len_scale, seg_len, output_size=T).unsqueeze(-1)  # (T, 1)
+        seg = Segments(seg_len.tolist(), v_scale, starts)
+        if (x.device.type == "cuda") if grid is None else grid:
+            seg.width = max(seg.lengths)
+            seg.slots = torch.arange(T, device=x.device) + torch.repeat_interleave(
+                torch.arange(B, device=x.device) * seg.width - starts, seg_len, output_size=T)  # (T,)
         *layers, last = self.encoder
         for layer in layers:
-            stream = layer.forward_packed(stream, seg, v_scale)  # (N + PB, D)
-        return last.forward_packed(stream, seg, v_scale, starts)  # (B, D)
+            stream = layer.forward_packed(stream, seg)  # (T, D)
+        return last.forward_packed(stream, seg, cls_only=True)  # (B, D)
 
     def _tokens(
         self,
