@@ -4,8 +4,10 @@ Rows:
   embed    the `cellfm embed` model path (`cell_embedding` on length-sorted padded batches of the
            size `cellfm.embed` uses, or `cell_embedding_packed` on packs of a token budget) for
            the 80m and 800m shapes (random weights) on real PBMCs (pbmc4k, <= 2048 genes each),
-           fp32 and bf16 autocast, torch.compile off / on: cells/s, peak memory, achieved
-           TFLOP/s and MFU = that / the GPU's bf16 dense peak (FLOPs from benchmarks/flops.py);
+           fp32 and bf16 autocast, torch.compile off / on (bf16, --compile-presets), and the two
+           Kᵀ·V cores of the packed path (a grid, the CUDA default; a matmul per cell, the CPU
+           default): cells/s, peak memory, achieved TFLOP/s and MFU = that / the GPU's bf16
+           dense peak (FLOPs from benchmarks/flops.py);
   cosine   bf16 vs fp32 CLS embeddings of the same cells (min and mean cosine);
   train    one pretraining step (`cellfm pretrain`, max_steps 1, fp32) with DDP and FSDP2 on 1
            process, then 2 if there are 2 GPUs (nccl); its loss against the same step on CPU in
@@ -101,29 +103,40 @@ def embed_rows(preset: str, cells: list, dev: torch.device, peak: float, args) -
         module = CellFMModule(cfg).eval()
     flops = sum(embed_flops(cfg, len(c[1])) for c in cells)
     bs = args.batch_size or embed_batch_size(dev.type)[0]
-    inputs = {"padded": padded(cells, bs, dev), "packed": packed(cells, args.budget, dev)}
+    packs = packed(cells, args.budget, dev)
+    inputs = {"padded": padded(cells, bs, dev), "packed": packs}
+    # the other Kᵀ·V core than the device's default (CUDA: a grid, CPU: a matmul per cell)
+    other = "packed, per-cell loop" if dev.type == "cuda" else "packed, grid"
+    inputs[other] = packs
     outs = {}
     for dtype in ("fp32", "bf16"):
         amp = torch.autocast(dev.type, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
         for path, batches in inputs.items():
-            for comp in (False, True) if args.compile and dtype == "bf16" else (False,):
-                fn = module.cell_embedding_packed if path == "packed" else module.cell_embedding
-                if comp and path == "packed":
-                    row("embed", preset, dtype, f"packed (<= {args.budget} tok)", "on", "-", "-", "-", "-",
-                        "not run: the per-cell segment loop recompiles for every new cell count "
+            compile_too = dtype == "bf16" and preset in args.compile_presets
+            for comp in (False, True) if compile_too else (False,):
+                is_packed = path.startswith("packed")
+                fn = module.cell_embedding_packed if is_packed else module.cell_embedding
+                if path == other:
+                    fn = functools.partial(module.cell_embedding_packed, grid=dev.type != "cuda")
+                loop = is_packed and (path == other) == (dev.type == "cuda")  # the per-cell matmul core
+                if comp and loop:
+                    row("embed", preset, dtype, f"{path} (<= {args.budget} tok)", "on", "-", "-", "-", "-",
+                        "not run: the per-cell matmul loop recompiles for every new cell count "
                         "(CPU, tiny: 22-55 s each)")
                     continue
                 if comp:  # the undecorated method: compiling under inference_mode fails in inductor
-                    plain = CellFMModule.cell_embedding.__wrapped__
-                    fn = functools.partial(torch.compile(plain, dynamic=True), module)
+                    plain = (CellFMModule.cell_embedding_packed if is_packed else CellFMModule.cell_embedding)
+                    fn = functools.partial(torch.compile(plain.__wrapped__, dynamic=True), module)
+                    if is_packed:
+                        fn = functools.partial(fn, grid=True)
 
-                def run(fn=fn, batches=batches, amp=amp, path=path):
+                def run(fn=fn, batches=batches, amp=amp, is_packed=is_packed):
                     with torch.no_grad(), amp:  # the methods enter inference_mode themselves
-                        res = [fn(b) if path == "packed" else fn(*b) for b in batches]
+                        res = [fn(b) if is_packed else fn(*b) for b in batches]
                     sync(dev)
                     return res
 
-                label = f"padded (batch {bs})" if path == "padded" else f"packed (<= {args.budget} tok)"
+                label = f"padded (batch {bs})" if path == "padded" else f"{path} (<= {args.budget} tok)"
                 try:
                     t0 = time.perf_counter()
                     outs[(dtype, path, comp)] = torch.cat(run()).float()  # warm-up (and compile)
@@ -144,12 +157,16 @@ def embed_rows(preset: str, cells: list, dev: torch.device, peak: float, args) -
                     f"{gib:.2f}", f"{flops / lo / 1e12:.2f}", f"{flops / lo / peak * 100:.1f}",
                     f"warm-up {warm:.1f} s")
     for path in inputs:
+        if ("fp32", path, False) not in outs or ("bf16", path, False) not in outs:
+            continue
         a, b = outs[("fp32", path, False)], outs[("bf16", path, False)]
         cos = F.cosine_similarity(a, b, dim=-1)
         row("cosine", preset, "bf16 vs fp32", path, "off", "-", "-", "-", "-",
             f"cos min {cos.min():.6f} mean {cos.mean():.6f} (1 - min {1 - cos.min():.1e})")
-    diff = (outs[("fp32", "packed", False)] - outs[("fp32", "padded", False)]).abs().max()
-    row("packed = padded", preset, "fp32", "both", "off", "-", "-", "-", "-", f"max |diff| {diff:.2e}")
+    for path in ("packed", other):
+        if ("fp32", path, False) in outs and ("fp32", "padded", False) in outs:
+            diff = (outs[("fp32", path, False)] - outs[("fp32", "padded", False)]).abs().max()
+            row("= padded", preset, "fp32", path, "off", "-", "-", "-", "-", f"max |diff| {diff:.2e}")
     del module
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -226,7 +243,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=None, help="padded batch (default: cellfm.embed's)")
     p.add_argument("--budget", type=int, default=65536, help="tokens per pack")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--compile-presets", nargs="*", default=None,
+                   help="presets also timed with torch.compile in bf16 (default 80m; --quick tiny): "
+                        "compiling the 40-layer 800m graph may not fit the 8 minutes")
     p.add_argument("--no-train", dest="train", action="store_false")
     p.add_argument("--train-preset", default="small")
     p.add_argument("--rtol", type=float, default=1e-3, help="train step loss vs CPU fp32")
@@ -238,6 +257,8 @@ def main() -> None:
     presets = args.presets or (["tiny", "small"] if args.quick else ["80m", "800m"])
     default = [32] * len(presets) if args.quick else [2048 if p == "80m" else 256 for p in presets]
     counts = args.cells or default
+    if args.compile_presets is None:
+        args.compile_presets = ["tiny"] if args.quick else ["80m"]
     if args.quick:
         args.budget, args.repeats = min(args.budget, 8192), min(args.repeats, 2)
     data = data_dir(args.data_dir)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command on a GPU machine, < 8 minutes on one GPU, one table (see benchmarks/gpu_check.py).
 # Never needed by the tests. CPU fallback that proves it runs: benchmarks/gpu_check.sh --device cpu --quick
-#   CELLFM_DATA_DIR=/path/to/shared/data benchmarks/gpu_check.sh [--no-compile] [--no-train] ...
+#   CELLFM_DATA_DIR=/path/to/shared/data benchmarks/gpu_check.sh [--compile-presets 80m 800m] [--no-train] ...
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 export PYTHONPATH="$here/../src${PYTHONPATH:+:$PYTHONPATH}"
