@@ -12,139 +12,40 @@ Measures, on this machine:
   5. optionally (--cellfm-torch PATH) the authors' PyTorch port on the same cells and weights;
   6. `cellfm.embed` end to end (gene mapping, tokenization, model) when it is importable.
 
-`--vs-port PATH` instead times only the authors' port against ours, interleaved (A B A B ...):
-the same real cells, the same random weights of the `--vs-preset` shape (80m), fp32, >= 3 rounds,
-min and median seconds, cells/s, the ratio and each side's peak extra RSS. Ours is
-`CellFMModule.cell_embedding` (what `cellfm.embed` runs) and the full encoder; the port is its
-`embedding_infer` on our length-grouped batches and, as its own data path does, padded to 2048.
+`--compare` instead times, interleaved (A B C A B C ...) on the same real cells (default 32) and
+random weights of the `--vs-preset` shape (80m), fp32, >= 3 rounds: `CellFMModule.cell_embedding`
+on length-sorted padded batches of the size `cellfm.embed` uses (`default_batch_size`) and of one
+cell, `cell_embedding_packed` on one pack and on packs of a token budget (`--budgets`), and with
+`--vs-port PATH` the authors' port (`embedding_infer` on the same padded batches; with
+`--port-padded` also padded to 2048 as its own data path does). It prints min and median
+seconds, cells/s, both ratios (vs the embed default, vs the port) and each method's peak extra RSS.
+
+The data: `--data FILE`, or `--data-dir DIR` / $CELLFM_DATA_DIR holding pbmc4k_soupx (no path is
+guessed from the source tree). The padded batch size defaults to what `cellfm.embed` uses on CPU.
 
 FLOPs are counted analytically from the shapes (per token per layer: 8 d x d projections and the
 retention's K^T V and Q (K^T V), 2 FLOPs per multiply-add; see `approx_flops_per_token`), over
 real tokens only (padding is not counted as useful work).
 
+    export CELLFM_DATA_DIR=../shared/data
     python benchmarks/embed.py                       # small + 80m, 256 cells, sweep on small
     python benchmarks/embed.py --cellfm-torch /tmp/official/CellFM-torch
-    python benchmarks/embed.py --vs-port /tmp/cellfm-torch --threads 1 --cells 16 --rounds 3
+    python benchmarks/embed.py --compare --vs-port /tmp/cellfm-torch --threads 1 --cells 32 --rounds 3
     python benchmarks/embed.py --many-cells 100000 --threads 1   # flat memory (embed_many_cells.py)
 """
 
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as cf
-import multiprocessing as mp
-import os
-import resource
 import statistics
-import sys
-import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/pbmc4k_soupx/pbmc4k_soupx_half.h5ad"
-
-
-# ---- measurement helpers ---------------------------------------------------------------------
-def best_time(fn, repeats: int = 3, warmup: int = 1) -> float:
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
-def matmul_peak_gflops(sizes=(2048, 3072, 4096), repeats: int = 5) -> tuple[float, int]:
-    """Best fp32 GFLOP/s of a square torch.mm over a few sizes: the machine's practical peak."""
-    best, best_n = 0.0, 0
-    for n in sizes:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        out = torch.empty(n, n)
-        t = best_time(lambda a=a, b=b, out=out: torch.mm(a, b, out=out), repeats=repeats)
-        g = 2 * n**3 / t / 1e9
-        if g > best:
-            best, best_n = g, n
-    return best, best_n
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-class PeakExtraRSS:
-    """Largest RSS above the starting one while the block runs (sampled every 2 ms), so that two
-    methods timed in one process each get their own peak."""
-
-    def __enter__(self):
-        self.base = self.peak = rss_mib()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, rss_mib())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mib())
-        self.extra = self.peak - self.base
-
-
-# ---- cells ----------------------------------------------------------------------------------
-def load_cells(path: Path, n_cells: int, max_genes: int, n_vocab: int, seed: int = 0):
-    """Real cells as (gene ids, log-normalised values) arrays per cell, sampled to max_genes.
-
-    Gene ids are a fixed random map of the file's genes into the vocabulary: speed depends on
-    the number of expressed genes per cell, not on which genes they are.
-    """
-    import anndata as ad
-
-    adata = ad.read_h5ad(path)
-    X = adata.X[:n_cells].tocsr()
-    rng = np.random.default_rng(seed)
-    gene_map = rng.integers(1, n_vocab + 1, X.shape[1])
-    cells = []
-    for i in range(X.shape[0]):
-        a, b = X.indptr[i], X.indptr[i + 1]
-        idx, cnt = X.indices[a:b], X.data[a:b].astype(np.float32)
-        vals = np.log1p(cnt / cnt.sum() * 1e4)
-        if len(idx) > max_genes:
-            keep = rng.choice(len(idx), max_genes, replace=False)
-            idx, vals = idx[keep], vals[keep]
-        cells.append((gene_map[idx], vals))
-    return cells
-
-
-def make_batches(cells, batch_size: int):
-    """Sort by length, pad right: (gene_ids, values, token_mask) per batch."""
-    order = np.argsort([len(c[0]) for c in cells], kind="stable")
-    batches = []
-    for s in range(0, len(order), batch_size):
-        group = [cells[i] for i in order[s : s + batch_size]]
-        L = max(len(g[0]) for g in group)
-        ids = torch.zeros(len(group), L, dtype=torch.long)
-        vals = torch.zeros(len(group), L)
-        mask = torch.zeros(len(group), L, dtype=torch.bool)
-        for b, (gi, gv) in enumerate(group):
-            ids[b, : len(gi)] = torch.from_numpy(gi)
-            vals[b, : len(gv)] = torch.from_numpy(gv)
-            mask[b, : len(gi)] = True
-        batches.append((ids, vals, mask))
-    return batches
+from measure import PeakExtraRSS, best_time, in_fresh_process, matmul_peak_gflops, peak_rss_mib
+from port import port_with_our_weights, run_official
+from real_cells import PBMC, embed_batch_size, load_cells, make_batches, make_packs, pbmc_file
 
 
 # ---- softmax variant of the same layer --------------------------------------------------------
@@ -226,36 +127,11 @@ def run_preset(preset: str, data: str, n_cells: int, batch_size: int, threads: i
     return res
 
 
-# ---- the authors' PyTorch port ----------------------------------------------------------------
-def port_with_our_weights(path: str, module, cfg):
-    """CellFM-torch's FinetuneModel (imported from the checkout at PATH) holding our weights."""
-    sys.path.insert(0, path)
-    from layers.torch_finetune import FinetuneModel  # the authors' code, read from PATH
-
-    class Cfg:  # the fields FinetuneModel reads
-        enc_dims, enc_nlayers, enc_num_heads = cfg.d_model, cfg.n_layers, cfg.n_heads
-        enc_dropout, dropout, lora, recompute = 0.0, 0.0, 0, False
-        add_zero, pad_zero, ecs, ecs_threshold = False, True, False, 0.8
-
-    theirs = FinetuneModel(cfg.n_genes, Cfg()).eval()
-    renamed = {}
-    for k, v in module.state_dict().items():
-        if k.startswith("value_enc.") and k != "value_enc.mask_emb":
-            k = "value_enc.value_enc." + k.removeprefix("value_enc.")
-        renamed[k] = v
-    their_state = theirs.state_dict()
-    loaded = {k: v for k, v in renamed.items() if k in their_state and their_state[k].shape == v.shape}
-    theirs.load_state_dict(loaded, strict=False)
-    needed = [k for k in their_state if k.startswith(("encoder.", "value_enc.", "gene_emb", "cls_token"))]
-    missing = [k for k in needed if k not in loaded]
-    if missing:
-        raise RuntimeError(f"could not map our weights onto CellFM-torch: {missing[:5]}")
-    return theirs
-
-
-def run_vs_port(path: str, preset: str, data: str, n_cells: int, batch_size: int, threads: int,
-                rounds: int, padded: bool) -> dict:
-    """Ours and the port interleaved, round by round, on the same batches and weights."""
+# ---- padded vs packed vs the authors' port -----------------------------------------------------
+def run_compare(port: str | None, preset: str, data: str, n_cells: int, batch_size: int, threads: int,
+                rounds: int, port_padded: bool, budgets: list[int], extra: bool = True) -> dict:
+    """Padded batches, packed streams and (with `port`) the authors' port, interleaved round by
+    round (A B C A B C ...) on the same real cells and random weights."""
     torch.set_num_threads(threads)
     from cellfm.config import get_preset
     from cellfm.model import CellFMModule
@@ -263,70 +139,53 @@ def run_vs_port(path: str, preset: str, data: str, n_cells: int, batch_size: int
     cfg = get_preset(preset)
     torch.manual_seed(0)
     module = CellFMModule(cfg).eval()
-    theirs = port_with_our_weights(path, module, cfg)
     cells = load_cells(Path(data), n_cells, cfg.max_genes, cfg.n_genes)
-    batches = make_batches(cells, batch_size)
-    full = [(F.pad(i, (0, cfg.max_genes - i.shape[1])), F.pad(v, (0, cfg.max_genes - v.shape[1])),
-             F.pad(m, (0, cfg.max_genes - m.shape[1]))) for i, v, m in batches]
-    methods = {
-        "ours: cell_embedding": lambda: [module.cell_embedding(i, v, m) for i, v, m in batches],
-        "ours: full encoder": lambda: [module.encode(i, v, m)[0][:, 0] for i, v, m in batches],
-        "port: embedding_infer": lambda: [theirs.embedding_infer(v, i, None, m.float())[0][:, 0]
-                                          for i, v, m in batches],
-    }
-    if padded:
-        methods["port: padded to 2048"] = lambda: [theirs.embedding_infer(v, i, None, m.float())[0][:, 0]
-                                                   for i, v, m in full]
+    batches = make_batches(cells, batch_size)  # sorted by length, as cellfm.embed batches a chunk
+    singles = make_batches(cells, 1)
+
+    def packed(packs):
+        return lambda: [module.cell_embedding_packed(pk) for pk in packs]
+
+    methods = {f"padded, batch {batch_size} (embed)": lambda: [module.cell_embedding(*b) for b in batches]}
+    if extra:
+        methods["padded, 1 cell a pass"] = lambda: [module.cell_embedding(*b) for b in singles]
+        methods[f"packed, {len(cells)} cells in 1 pack"] = packed(make_packs(cells, None))
+    for t in budgets:
+        methods[f"packed, <= {t} tokens a pack"] = packed(make_packs(cells, t))
+    if port:
+        theirs = port_with_our_weights(port, module, cfg)
+        methods[f"port, batch {batch_size}"] = lambda: [
+            theirs.embedding_infer(v, i, None, m.float())[0][:, 0] for i, v, m in batches]
+        if port_padded:
+            full = [(F.pad(i, (0, cfg.max_genes - i.shape[1])), F.pad(v, (0, cfg.max_genes - v.shape[1])),
+                     F.pad(m, (0, cfg.max_genes - m.shape[1]))) for i, v, m in batches]
+            methods["port, padded to 2048"] = lambda: [
+                theirs.embedding_infer(v, i, None, m.float())[0][:, 0] for i, v, m in full]
     times = {name: [] for name in methods}
+    cpu = {name: [] for name in methods}
     peaks = dict.fromkeys(methods, 0.0)
     with torch.inference_mode():
+        ref = torch.cat([module.encode(*b)[0][:, 0] for b in batches])  # the full forward's CLS
         outs = {name: torch.cat(fn()) for name, fn in methods.items()}  # warm-up and outputs
         for _ in range(rounds):
-            for name, fn in methods.items():  # A B A B ...
+            for name, fn in methods.items():
                 with PeakExtraRSS() as mem:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.thread_time()
                     fn()
                     times[name].append(time.perf_counter() - t)
+                    cpu[name].append(time.thread_time() - c)
                 peaks[name] = max(peaks[name], mem.extra)
-    ref = outs["ours: full encoder"]
+    padded_tokens = sum(b[0].numel() for b in batches)
+    real_tokens = sum(len(c[0]) for c in cells)
     return {
-        "cells": len(cells), "mean_genes": sum(len(c[0]) for c in cells) / len(cells),
+        "cells": len(cells), "mean_genes": real_tokens / len(cells),
+        "padding": padded_tokens / real_tokens - 1,
         "rows": [{"name": n, "min": min(t), "median": statistics.median(t), "peak": peaks[n],
+                  "cpu_min": min(cpu[n]), "cpu_median": statistics.median(cpu[n]),
                   "max_diff": (outs[n] - ref).abs().max().item(),
                   "min_cos": F.cosine_similarity(outs[n], ref, dim=-1).min().item()}
                  for n, t in times.items()],
     }
-
-
-def run_official(path: str, module, cfg, batches, n_cells: int, repeats: int) -> dict:
-    """Time CellFM-torch's FinetuneModel.embedding_infer on the same batches and weights."""
-    if cfg.value_bins != 256:
-        return {"official_note": f"needs value_bins=256 (preset has {cfg.value_bins})"}
-    theirs = port_with_our_weights(path, module, cfg)
-
-    def official_all():
-        with torch.inference_mode():
-            for ids, vals, mask in batches:
-                theirs.embedding_infer(vals, ids, None, mask.float())
-
-    t = best_time(official_all, repeats=repeats)
-    # the port's own data path (`Prepare.pad_zero`, `SCrna`) pads every cell to nonz_len = 2048
-    full = [(F.pad(i, (0, cfg.max_genes - i.shape[1])), F.pad(v, (0, cfg.max_genes - v.shape[1])),
-             F.pad(m, (0, cfg.max_genes - m.shape[1]))) for i, v, m in batches]
-
-    def official_padded():
-        with torch.inference_mode():
-            for ids, vals, mask in full:
-                theirs.embedding_infer(vals, ids, None, mask.float())
-
-    t_padded = best_time(official_padded, repeats=repeats)
-    ids, vals, mask = batches[len(batches) // 2]
-    with torch.inference_mode():
-        a = module.encode(ids, vals, mask)[0][:, 0]
-        b = theirs.embedding_infer(vals, ids, None, mask.float())[0][:, 0]
-    cos = F.cosine_similarity(a, b, dim=-1).min().item()
-    return {"official_cells_s": n_cells / t, "official_padded_cells_s": n_cells / t_padded,
-            "official_min_cos": cos}
 
 
 # ---- genes-per-cell sweep -----------------------------------------------------------------------
@@ -357,11 +216,6 @@ def run_sweep(preset: str, lengths: list[int], threads: int, softmax_max: int, r
     return rows
 
 
-def in_fresh_process(fn, *args):
-    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
-
-
 # ---- end to end ---------------------------------------------------------------------------------
 def run_embed(data: str, n_cells: int, batch_size: int, threads: int) -> dict | None:
     torch.set_num_threads(threads)
@@ -385,9 +239,11 @@ def run_embed(data: str, n_cells: int, batch_size: int, threads: int) -> dict | 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA))
-    p.add_argument("--cells", type=int, default=None, help="default 256 (16 with --vs-port)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--data", default=None, help=f"an .h5ad of raw counts (default: DATA_DIR/{PBMC})")
+    p.add_argument("--data-dir", default=None, help="the shared data folder (default: $CELLFM_DATA_DIR)")
+    p.add_argument("--cells", type=int, default=None, help="default 256 (32 with --compare / --vs-port)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="cells per padded batch (default: what cellfm.embed uses on CPU)")
     p.add_argument("--presets", nargs="+", default=["small", "80m"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--sweep-preset", default="small")
@@ -396,30 +252,38 @@ def main() -> None:
     p.add_argument("--no-softmax", action="store_true")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after a warm-up (best kept)")
     p.add_argument("--cellfm-torch", default=None, help="path of a local CellFM-torch checkout")
+    p.add_argument("--compare", action="store_true",
+                   help="only: padded vs packed (vs the port with --vs-port), interleaved (see above)")
     p.add_argument("--vs-port", default=None, metavar="PATH",
-                   help="only: the port at PATH vs ours, interleaved (see above)")
+                   help="a CellFM-torch checkout to add to --compare (implies --compare)")
+    p.add_argument("--budgets", type=int, nargs="*", default=[2048, 4096, 8192],
+                   help="--compare: token budgets of packs to time")
     p.add_argument("--vs-preset", default="80m")
     p.add_argument("--rounds", type=int, default=3, help="--vs-port rounds (>= 3)")
-    p.add_argument("--no-padded", action="store_true", help="--vs-port: skip the port padded to 2048")
+    p.add_argument("--skip-extra", action="store_true",
+                   help="--compare: leave out the 1-cell padded and the all-cells-in-1-pack rows")
+    p.add_argument("--port-padded", action="store_true", help="--vs-port: also the port padded to 2048")
     p.add_argument("--many-cells", type=int, default=None, metavar="N",
                    help="only: peak RSS of streaming embed_file for 1,000 vs N synthetic cells (tiny model)")
     args = p.parse_args()
 
     torch.set_num_threads(args.threads)
+    batch_size, source = (args.batch_size, "--batch-size") if args.batch_size else embed_batch_size("cpu")
     if args.many_cells:
         from embed_many_cells import run as many_cells
 
         many_cells(args.many_cells, args.threads, in_fresh_process)
         return
-    if args.vs_port:
-        vs_port(args)
+    data = pbmc_file(args.data, args.data_dir)
+    if args.compare or args.vs_port:
+        compare(args, data, batch_size, source)
         return
     args.cells = args.cells or 256
     peak, n = matmul_peak_gflops()
     print(f"torch {torch.__version__}, {args.threads} threads; fp32 matmul peak {peak:.1f} GFLOP/s "
           f"(torch.mm {n}x{n}, best of 5)\n")
 
-    print(f"real cells: {args.data} (first {args.cells}), batch size {args.batch_size}")
+    print(f"real cells: {data} (first {args.cells}), batch size {batch_size} ({source})")
     hdr = (f"{'preset':7s} {'d':>5s} {'lay':>3s} {'genes/cell':>10s} {'pad':>5s} {'cells/s':>8s} "
            f"{'enc GFLOP/s':>11s} {'% peak':>6s} {'RSS MiB':>8s}")
     extra = "" if args.no_softmax else f" {'ret enc c/s':>11s} {'softmax c/s':>11s}"
@@ -428,7 +292,7 @@ def main() -> None:
                   f" {'min cos':>7s}")
     print(hdr + extra)
     for preset in args.presets:
-        r = in_fresh_process(run_preset, preset, args.data, args.cells, args.batch_size, args.threads,
+        r = in_fresh_process(run_preset, preset, str(data), args.cells, batch_size, args.threads,
                              args.cellfm_torch, not args.no_softmax, args.repeats)
         line = (f"{r['preset']:7s} {r['d']:5d} {r['layers']:3d} {r['mean_genes']:10.0f} "
                 f"{r['padding'] * 100:4.1f}% {r['cells_s']:8.1f} {r['enc_gflops']:11.1f} "
@@ -454,7 +318,7 @@ def main() -> None:
             print(f"{r['L']:6d} {r['ret_ms']:12.2f} {r['ret_us_tok']:9.3f} {r['sm_ms']:11.2f} "
                   f"{r['sm_us_tok']:9.3f} {r['sm_ms'] / r['ret_ms']:10.1f}x")
 
-    r = in_fresh_process(run_embed, args.data, args.cells, args.batch_size, args.threads)
+    r = in_fresh_process(run_embed, str(data), args.cells, batch_size, args.threads)
     if "error" in r:
         print(f"\ncellfm.embed end to end: skipped ({r['error']})")
     else:
@@ -462,24 +326,35 @@ def main() -> None:
               f"{r['cells_s']:.1f} cells/s, peak RSS {r['rss_peak']:.0f} MiB")
 
 
-def vs_port(args) -> None:
+def compare(args, data: Path, batch_size: int, source: str) -> None:
     if args.rounds < 3:
         raise SystemExit("--rounds must be at least 3")
-    n_cells = args.cells or 16
-    r = in_fresh_process(run_vs_port, args.vs_port, args.vs_preset, args.data, n_cells,
-                         min(args.batch_size, n_cells), args.threads, args.rounds, not args.no_padded)
+    n_cells = args.cells or 32
+    r = in_fresh_process(run_compare, args.vs_port, args.vs_preset, str(data), n_cells, batch_size,
+                         args.threads, args.rounds, args.port_padded, args.budgets, not args.skip_extra)
     print(f"torch {torch.__version__}, {args.threads} thread(s), preset {args.vs_preset}, fp32, random "
-          f"weights shared by both; {r['cells']} real cells of {args.data} ({r['mean_genes']:.0f} genes "
-          f"a cell on average), batch size {min(args.batch_size, n_cells)}; {args.rounds} interleaved rounds")
-    port = next(x for x in r["rows"] if x["name"] == "port: embedding_infer")
-    print(f"{'method':24s} {'min s':>8s} {'median s':>9s} {'cells/s':>8s} {'vs port':>8s} "
-          f"{'peak +RSS MiB':>13s} {'max |diff|':>10s} {'min cos':>8s}")
-    for x in r["rows"]:
-        print(f"{x['name']:24s} {x['min']:8.2f} {x['median']:9.2f} {r['cells'] / x['median']:8.2f} "
-              f"{port['median'] / x['median']:7.2f}x {x['peak']:13.0f} {x['max_diff']:10.2e} "
-              f"{x['min_cos']:8.5f}")
-    print("(vs port: median time of the port's embedding_infer on the same batches / this method's; "
-          "diff and cos against our full encoder's CLS output)")
+          f"weights; {r['cells']} real cells of {data} ({r['mean_genes']:.0f} genes a cell on average); "
+          f"padded batch size {batch_size} from {source} ({r['padding'] * 100:.0f}% padding tokens); "
+          f"{args.rounds} interleaved rounds")
+    rows = r["rows"]
+    base = rows[0]
+    port = next((x for x in rows if x["name"].startswith("port, batch")), None)
+    clocks = (("wall-clock", "min", "median"), ("CPU time of the main thread", "cpu_min", "cpu_median"))
+    for clock, lo, med in clocks:
+        print(f"\n{clock}:")
+        print(f"{'method':30s} {'min s':>7s} {'median s':>8s} {'cells/s min|med':>16s} "
+              f"{'vs embed min|med':>17s} {'vs port min|med':>16s} {'peak +RSS MiB':>13s} "
+              f"{'max |diff|':>10s} {'min cos':>8s}")
+        for x in rows:
+            def ratio(other, x=x, lo=lo, med=med):
+                return "-" if other is None else f"{other[lo] / x[lo]:.2f}x|{other[med] / x[med]:.2f}x"
+
+            print(f"{x['name']:30s} {x[lo]:7.2f} {x[med]:8.2f} "
+                  f"{r['cells'] / x[lo]:7.2f}|{r['cells'] / x[med]:<7.2f} {ratio(base):>17s} "
+                  f"{ratio(port):>16s} {x['peak']:13.0f} {x['max_diff']:10.2e} {x['min_cos']:8.5f}")
+    print("(vs X: X's time / this method's time, from the min and from the median of the rounds; diff and "
+          "cos against the full forward's CLS output; with 1 thread the CPU time leaves out the time the "
+          "machine's other jobs held the core)")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@
 
 With `config.st_tokens` and library-size features `st_feat` (B, 2), two ST tokens follow CLS,
 [CLS, ST, ST] + tokens (B, L+3, D), as in the authors' FinetuneModel (st_tokens.py).
-`cell_embedding` is the inference-only path for the CLS output alone (CLS-only last layer).
+`cell_embedding` is the inference-only path for the CLS output alone (CLS-only last layer);
+`cell_embedding_packed` computes the same from a `PackedBatch` (tokenizer/packing.py): the cells
+one after another in one token stream, each cell's CLS (and ST) tokens leading its segment, so no
+FLOP goes to padding.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from torch import nn
 
 from cellfm.config import ModelConfig
 from cellfm.model.decoders import CellwiseDecoder, ValueDecoder
-from cellfm.model.retention import RetentionLayer
+from cellfm.model.retention import RetentionLayer, Segments
 from cellfm.model.st_tokens import STTokens
 from cellfm.model.value_encoder import ValueEncoder
+from cellfm.tokenizer.packing import PackedBatch
 
 
 @dataclass
@@ -106,6 +110,49 @@ class CellFMModule(nn.Module):
         for layer, key_mask in zip(layers, key_masks, strict=False):
             x = layer(x, key_mask, len_scale)  # (B, T, D)
         return last.forward_first_row(x, key_masks[-1], len_scale)[:, 0]  # (B, D)
+
+    @torch.inference_mode()
+    def cell_embedding_packed(
+        self, packed: PackedBatch, st_feat: torch.Tensor | None = None, grid: bool | None = None
+    ) -> torch.Tensor:
+        """`cell_embedding` of packed cells (B, D), without padding: N genes + B CLS (+ 2B ST) tokens
+        in one stream; every token is a key (no hidden values at inference). `grid`: Kᵀ·V through
+        a (cells, longest) grid in one batched matmul instead of a matmul per cell (`Segments`);
+        None = on CUDA only."""
+        c = self.config
+        lengths = packed.cu_seqlens.diff()  # (B,) genes per cell
+        B, N = lengths.shape[0], packed.gene_ids.shape[0]
+        x = self.value_enc(packed.values)  # (N, D)
+        if not c.pad_zero:  # zero-valued tokens take the learned zero embedding, as in `_tokens`
+            zero = (packed.values == 0).unsqueeze(-1).to(x.dtype)  # (N, 1)
+            x = zero * self.zero_emb[0] + (1 - zero) * x
+        x = self.gene_emb[packed.gene_ids] + x  # (N, D)
+        lead = self.cls_token.expand(B, 1, -1).to(x.dtype)  # (B, 1, D)
+        if st_feat is not None:
+            if self.st is None:
+                raise ValueError("st_feat given but this model has no ST tokens (config.st_tokens=False)")
+            lead = torch.cat([lead, self.st(st_feat).to(x.dtype)], dim=1)  # (B, 3, D)
+        P = lead.shape[1]
+        # stream: cell b = [its P lead tokens, its genes]; gene t of cell b moves P (b + 1) rows down
+        cell = torch.repeat_interleave(torch.arange(B, device=x.device), lengths, output_size=N)  # (N,)
+        starts = packed.cu_seqlens[:-1] + P * torch.arange(B, device=x.device)  # (B,) CLS rows
+        T = N + P * B
+        stream = x.new_empty(T, x.shape[1])  # (T = N + PB, D)
+        stream[torch.arange(N, device=x.device) + P * (cell + 1)] = x
+        stream[(starts.unsqueeze(1) + torch.arange(P, device=x.device)).flatten()] = lead.reshape(B * P, -1)
+        # V length scale 1/sqrt(genes of the cell), as `_tokens`
+        len_scale = torch.rsqrt(lengths.to(x.dtype).clamp_min(1.0))  # (B,)
+        seg_len = lengths + P  # (B,) tokens of each cell in the stream
+        v_scale = torch.repeat_interleave(len_scale, seg_len, output_size=T).unsqueeze(-1)  # (T, 1)
+        seg = Segments(seg_len.tolist(), v_scale, starts)
+        if (x.device.type == "cuda") if grid is None else grid:
+            seg.width = max(seg.lengths)
+            seg.slots = torch.arange(T, device=x.device) + torch.repeat_interleave(
+                torch.arange(B, device=x.device) * seg.width - starts, seg_len, output_size=T)  # (T,)
+        *layers, last = self.encoder
+        for layer in layers:
+            stream = layer.forward_packed(stream, seg)  # (T, D)
+        return last.forward_packed(stream, seg, cls_only=True)  # (B, D)
 
     def _tokens(
         self,
