@@ -23,7 +23,6 @@ from dataclasses import replace
 import numpy as np
 import torch
 from cellfm.tasks.baselines import pca_logistic_regression
-from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
@@ -32,6 +31,7 @@ from sklearn.preprocessing import StandardScaler
 import cellfm
 from cellfm.config import PRESETS
 from cellfm.contract import setup_cells
+from cellfm.evaluation.data import BENCHMARKS, load_benchmark
 from cellfm.tasks.annotation import AnnotatorConfig
 from cellfm.tasks.annotation.reference import checked_labels, validation_split
 from cellfm.tasks.annotation.selection import choose_head, train_head

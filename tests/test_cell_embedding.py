@@ -3,11 +3,13 @@ equals the full forward's CLS output, and `cellfm.embed` uses it."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from test_model import SMALL, make_module, random_cells
 
 import cellfm
+from cellfm.contract import setup_cells
 from cellfm.embedding import embed
 from cellfm.model import CellFMModule
 
@@ -34,24 +36,27 @@ def test_cell_embedding_equals_full_forward(overrides):
     assert (fast - full).abs().max() < 1e-5 and full.abs().mean() > 0.1
 
 
-def test_embed_uses_the_fast_path_and_matches_the_full_encoder(monkeypatch):
-    """Real cells (the bundled PBMCs) through the built-in pretrained model."""
+def test_embed_uses_the_packed_path_and_matches_the_full_encoder(monkeypatch):
+    """Real cells (the bundled PBMCs) through the built-in pretrained model: `cellfm.embed` runs the
+    padding-free packed path, and it equals the full encoder's CLS on padded batches."""
     from cellfm.datasets import pbmc_example
 
     adata = pbmc_example()[:64].copy()
     model = cellfm.load("cellfm-mini")
     calls = []
-    fast_path = CellFMModule.cell_embedding
+    packed_path = CellFMModule.cell_embedding_packed
 
-    def spy(self, *args, **kwargs):
-        calls.append(args[0].shape)
-        return fast_path(self, *args, **kwargs)
+    def spy(self, packed, *args, **kwargs):
+        calls.append(len(packed))
+        return packed_path(self, packed, *args, **kwargs)
 
-    monkeypatch.setattr(CellFMModule, "cell_embedding", spy)
+    monkeypatch.setattr(CellFMModule, "cell_embedding_packed", spy)
     fast = embed(adata, model, copy=True, progress=False).obsm["X_cellfm"]
-    assert calls, "cellfm.embed did not use CellFMModule.cell_embedding"
-    monkeypatch.setattr(CellFMModule, "cell_embedding",
-                        lambda self, ids, vals, mask, st_feat=None: self.encode(ids, vals, mask,
-                                                                                st_feat=st_feat)[0][:, 0])
-    full = embed(adata, model, copy=True, progress=False).obsm["X_cellfm"]
+    assert sum(calls) == adata.n_obs, "cellfm.embed did not embed every cell through the packed path"
+    cells = setup_cells(adata, model)
+    full = np.zeros_like(fast)
+    with torch.no_grad():
+        for batch in cells.batches(16):
+            full[batch.cell_index.numpy()] = model.module.encode(batch.gene_ids, batch.values,
+                                                                 batch.token_mask)[0][:, 0].numpy()
     assert abs(fast - full).max() < 1e-5

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from cellfm.config import get_preset
+from cellfm.contract.setup import ModelSpec, setup_cells
 from cellfm.model import CellFMModule
 from cellfm.model.st_tokens import st_features
-from cellfm.tokenizer import iter_token_batches
 from cellfm.tokenizer.packing import pack_batch, pack_cells, token_budget_batches, token_budget_groups
-from cellfm.vocab import load_vocabulary, map_genes
+from cellfm.vocab import load_vocabulary
 
 SMALL = get_preset("small").replace(dropout=0.0)
 
@@ -21,8 +21,8 @@ SMALL = get_preset("small").replace(dropout=0.0)
 def pbmc_batch(shared_data):
     """48 real PBMCs tokenized as `cellfm.embed` does, in row order (lengths mixed, so padded)."""
     a = ad.read_h5ad(shared_data / "pbmc4k_soupx" / "pbmc4k_soupx_half.h5ad")[:48].copy()
-    mapping = map_genes(a.var_names, load_vocabulary("cellfm-27k"))
-    (batch,) = iter_token_batches(a, mapping, batch_size=48, max_genes=2048, sort_by_length=False)
+    spec = ModelSpec(SMALL, load_vocabulary(SMALL.vocabulary))
+    (batch,) = setup_cells(a, spec, max_genes=2048).batches(48, sort_by_length=False)
     return batch
 
 

@@ -20,6 +20,7 @@ from cellfm.config import ModelConfig
 from cellfm.contract.setup import CellInput
 from cellfm.model.st_tokens import st_features
 from cellfm.progress import progress_bar
+from cellfm.tokenizer.packing import token_budget_batches
 from cellfm.vocab import GeneVocabulary
 from cellfm.wording import UsageError, arg
 
@@ -89,15 +90,26 @@ def on_device(model: EncoderModel, dev: torch.device) -> Iterator[torch.nn.Modul
         module.train(was_training).to(old_device)
 
 
+def token_budget(device: torch.device) -> int:
+    """Gene tokens per packed forward pass: 4,096 on CPU (80M shape, 1 thread: 1.5x the padded
+    batches of 16, 8,192 gave 1.35x; benchmarks/embed.py --compare), 65,536 on a GPU (a guess
+    until benchmarks/gpu_check.sh has measured it)."""
+    return 4096 if device.type == "cpu" else 65536
+
+
 def embed_batch(module: torch.nn.Module, batch: CellBatch, dev: torch.device, st_tokens: bool = False
                 ) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, CLS embeddings (B, D) float32) of one CellBatch; bf16 autocast on CUDA."""
+    """(rows, CLS embeddings (B, D) float32) of one CellBatch, padding-free: its cells are packed
+    into token streams of at most `token_budget` genes (`cell_embedding_packed`, equal to the
+    padded forward within 1e-5); bf16 autocast on CUDA."""
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else nullcontext()
     with torch.inference_mode(), autocast:
-        batch = batch.to(dev, non_blocking=True)
-        st_feat = st_features(batch.totals) if st_tokens else None  # (B, 2)
-        cls = module.cell_embedding(batch.gene_ids, batch.values, batch.token_mask, st_feat=st_feat)  # (B, D)
-        return batch.cell_index.cpu().numpy(), cls.float().cpu().numpy()
+        cls = []
+        for packed in token_budget_batches(batch, token_budget(dev)):  # cell order kept
+            packed = packed.to(dev, non_blocking=True)
+            st_feat = st_features(packed.totals) if st_tokens else None  # (b, 2)
+            cls.append(module.cell_embedding_packed(packed, st_feat=st_feat))  # (b, D)
+        return batch.cell_index.cpu().numpy(), torch.cat(cls).float().cpu().numpy()
 
 
 def embed_batches(module: torch.nn.Module, batches: Iterable[CellBatch], out: np.ndarray, dev: torch.device,
