@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from cellfm.checkpoints import CheckpointFormatError, convert_checkpoint, read_model_folder
 from cellfm.cli.console import fail, run_cli
 
 
@@ -20,7 +21,6 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output folder."),
 ) -> None:
     """Convert an official CellFM checkpoint into a cellfm model folder."""
-    from cellfm.checkpoints import CheckpointFormatError, convert_checkpoint, read_model_folder
 
     overrides = {k: v for k, v in (("n_heads", n_heads), ("pad_zero", pad_zero)) if v is not None}
     with run_cli():

@@ -7,6 +7,11 @@ from typing import Annotated
 
 import typer
 
+from cellfm.cli.console import run_cli
+from cellfm.corpus import CorpusManifest, build_corpus
+from cellfm.corpus.soma import SomaQuery, is_soma_uri
+from cellfm.corpus.soma_build import build_corpus_from_soma
+
 app = typer.Typer(
     help="Build and inspect pretraining corpora (Arrow shards of tokenizable human raw counts).",
     no_args_is_help=True,
@@ -46,10 +51,6 @@ def build(
 ) -> None:
     """Add INPUTS (and/or the Census) to the corpus at OUTPUT; inputs already in it are skipped.
     Writes report.tsv. A killed build started again with the same command keeps what it finished."""
-    from cellfm.cli.console import run_cli
-    from cellfm.corpus import build_corpus
-    from cellfm.corpus.soma import SomaQuery, is_soma_uri
-    from cellfm.corpus.soma_build import build_corpus_from_soma
 
     files = [Path(i) for i in inputs or [] if not is_soma_uri(i)]
     queries = [SomaQuery(uri=i if "://" in i else str(Path(i).resolve()), measurement=measurement,
@@ -81,7 +82,6 @@ def info(
     verify: Annotated[bool, typer.Option("--verify", help="Recompute shard checksums.")] = False,
 ) -> None:
     """Summarise a corpus: cells, shards, vocabulary, filters, inputs."""
-    from cellfm.corpus import CorpusManifest
 
     m = CorpusManifest.load(corpus)
     v = m.vocabulary

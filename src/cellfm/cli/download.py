@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from cellfm.checkpoints.hub import DownloadError, default_cache_dir, download_official, official_weights
 from cellfm.cli.console import fail, run_cli
 
 
@@ -21,7 +22,6 @@ def download(
         False, "--keep-checkpoint", help="Keep the downloaded .ckpt beside the converted model."),
 ) -> None:
     """Download official CellFM weights (CC BY-NC-ND 4.0, for use on this machine) and convert them."""
-    from cellfm.checkpoints.hub import DownloadError, default_cache_dir, download_official, official_weights
 
     with run_cli():
         try:

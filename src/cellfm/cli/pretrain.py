@@ -7,6 +7,9 @@ from typing import Annotated
 
 import typer
 
+from cellfm.training import TrainConfig
+from cellfm.training import pretrain as run
+
 
 def pretrain(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML file of TrainConfig fields.")],
@@ -20,8 +23,6 @@ def pretrain(
     Resumes from the newest checkpoint in OUT_DIR/checkpoints if there is one. Several processes:
     `torchrun --nproc-per-node N -m cellfm.cli pretrain --config FILE` with parallel = "ddp" or "fsdp".
     """
-    from cellfm.training import TrainConfig
-    from cellfm.training import pretrain as run
 
     overrides = {k: v for k, v in {"max_steps": max_steps, "out_dir": out_dir,
                                    "stop_after_steps": stop_after_steps}.items() if v is not None}

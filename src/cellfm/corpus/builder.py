@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,10 @@ def build_corpus(
         for path in _progress(todo, progress):
             results.append(_process_input(path, out, opts))
     else:
-        with ProcessPoolExecutor(max_workers=min(workers, len(todo))) as pool:
+        # spawn, not fork: a forked worker of a process that already runs threads (torch, tiledbsoma)
+        # can inherit a held lock and hang
+        spawn = get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=spawn) as pool:
             futs = {pool.submit(_process_input, path, out, opts): path for path in todo}
             for f in _progress(as_completed(futs), progress, total=len(futs)):
                 try:

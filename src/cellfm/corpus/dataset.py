@@ -33,6 +33,7 @@ from cellfm.corpus.epoch_plan import (
 )
 from cellfm.corpus.manifest import CorpusManifest
 from cellfm.corpus.shards import ShardReader, concat_ranges
+from cellfm.tokenizer import mask_values, tokenize_cell
 
 _OPEN_SHARDS = 8  # memory maps kept open per worker (or mix_shards, if more)
 
@@ -325,8 +326,6 @@ def tokenize_batch(
         ids_t[token_mask] = gene_ids
         cnt_t[token_mask] = counts
     val_t = cell_values(cnt_t, totals)  # (B, L)
-    if mask or is_long.any():
-        from cellfm.tokenizer import mask_values, tokenize_cell
     hidden = np.zeros((n, L), bool) if mask else None
     loss = np.zeros((n, L), bool) if mask else None
     bitgen = np.random.PCG64()

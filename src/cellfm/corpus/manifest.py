@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from cellfm.corpus.shards import file_sha256
+
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 REPORT_COLUMNS = ["input", "format", "status", "reason", "counts_from", "cells_read", "cells_kept",
@@ -72,8 +74,6 @@ class CorpusManifest:
 
     def verify(self, folder: Path) -> list[str]:
         """Shards whose file is missing or whose sha256 differs from the manifest."""
-        from cellfm.corpus.shards import file_sha256
-
         bad = []
         for s in self.shards:
             p = Path(folder) / s.file

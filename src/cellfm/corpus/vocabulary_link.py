@@ -13,6 +13,9 @@ from functools import lru_cache
 import numpy as np
 import pandas as pd
 
+from cellfm.vocab import GeneVocabulary, map_genes
+from cellfm.vocab import load_vocabulary as load_vocabulary_by_name
+
 
 def load_vocabulary(vocab: object) -> object:
     """A vocabulary object from a built-in name (or the object itself)."""
@@ -22,23 +25,12 @@ def load_vocabulary(vocab: object) -> object:
 
 
 @lru_cache(maxsize=4)
-def _load_named(name: str) -> object:
-    import cellfm.vocab as vocab_module
-
-    for fn in ("load_vocabulary", "get_vocabulary", "builtin_vocabulary"):
-        if hasattr(vocab_module, fn):
-            return getattr(vocab_module, fn)(name)
-    cls = vocab_module.GeneVocabulary
-    for ctor in ("load", "from_name", "builtin", "from_pretrained"):
-        if hasattr(cls, ctor):
-            return getattr(cls, ctor)(name)
-    raise AttributeError("cellfm.vocab has no way to load a vocabulary by name")
+def _load_named(name: str) -> GeneVocabulary:
+    return load_vocabulary_by_name(name)
 
 
 def token_ids_for(names: Sequence[str], vocabulary: object) -> np.ndarray:
     """(n,) int64 token id per identifier, 0 where it is not in the vocabulary."""
-    from cellfm.vocab import map_genes
-
     try:
         with warnings.catch_warnings():  # restricted panels are reported per file, not warned
             warnings.simplefilter("ignore")

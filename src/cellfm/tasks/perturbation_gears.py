@@ -28,7 +28,6 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 
-from cellfm.model.gears_adapter import GearsOnCellTokens
 from cellfm.tasks.go_graph import go_similarity_edges, write_gears_go_file
 from cellfm.tasks.perturbation import Screen, pearson
 
@@ -120,6 +119,10 @@ def train_gears(pert_data, cfg: GearsConfig, tokens: torch.Tensor | None = None,
     """Train GEARS (tokens None) or GEARS + CellFM tokens on the prepared split; returns the
     trained `GEARS` wrapper (its `best_model` is the one GEARS selects on validation DE MSE)."""
     from gears import GEARS
+
+    # the adapter subclasses GEARS' model, so it is the optional extra too (importing gears costs
+    # seconds of numba compilation, which no other command should pay)
+    from cellfm.model.gears_adapter import GearsOnCellTokens
 
     torch.manual_seed(seed)
     np.random.seed(seed)

@@ -17,9 +17,12 @@ from pathlib import Path
 
 import torch
 
+from cellfm.cellfm import CellFM, load
+from cellfm.corpus import CorpusDataset, CorpusLoader
 from cellfm.corpus.soma import SomaQuery
 from cellfm.corpus.soma_stream import SomaStreamDataset, SomaStreamLoader
 from cellfm.distributed import all_reduce_sum, barrier
+from cellfm.model import CellFMModule, pretraining_loss
 from cellfm.training.checkpoint import (
     checkpoint_dirs,
     load_checkpoint,
@@ -31,7 +34,7 @@ from cellfm.training.config import TrainConfig
 from cellfm.training.distributed import DistEnv, init_distributed, wrap_model
 from cellfm.training.evaluate import held_out_dataset, masked_value_mse
 from cellfm.training.optim import clip_gradients, make_optimizer
-from cellfm.training.probe import probe_scores
+from cellfm.training.probe import load_probe_set, probe_scores
 
 
 class _RunLog:
@@ -61,7 +64,6 @@ class _RunLog:
 
 def initial_weights(module: torch.nn.Module, source: str) -> None:
     """Copy the weights of a saved model (name, folder or official file) into `module`."""
-    from cellfm.cellfm import load
 
     model = load(source)
     own, theirs = module.config, model.config
@@ -78,8 +80,6 @@ def export_model(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv, path: 
     """Gather the full state dict (FSDP2: from all ranks) and write a CellFM folder on rank 0."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from cellfm.cellfm import CellFM
-    from cellfm.model import CellFMModule
 
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not env.is_main:
@@ -92,7 +92,6 @@ def export_model(module: torch.nn.Module, cfg: TrainConfig, env: DistEnv, path: 
 
 def load_probes(cfg: TrainConfig, mc) -> list:
     """The labelled probe cells of `cfg.probe_files`, tokenized for the model's vocabulary."""
-    from cellfm.training.probe import load_probe_set
 
     return [load_probe_set(f, key, mc, max_cells=cfg.probe_max_cells, seed=cfg.seed)
             for f, key in zip(cfg.probe_files, cfg.probe_label_keys(), strict=True)]
@@ -115,8 +114,6 @@ def soma_source(cfg: TrainConfig, mc) -> tuple[SomaStreamDataset, SomaStreamLoad
 
 def pretrain(cfg: TrainConfig) -> Path:
     """Train as configured; returns `out_dir/model` (the exported CellFM folder)."""
-    from cellfm.corpus import CorpusDataset, CorpusLoader
-    from cellfm.model import CellFMModule, pretraining_loss
 
     env = init_distributed(cfg.device, cfg.parallel)
     if cfg.threads and env.device.type == "cpu":
