@@ -3,6 +3,7 @@ ECCITE-seq screen), GEARS' simulation split for several seeds (`cellfm.tasks.per
 
     python benchmarks/perturbation_gears.py [--model cellfm-mini] [--data-dir FOLDER] [--seeds 1 2 3]
         [--epochs 10] [--max-cells-per-condition 200] [--no-reverse] [--out perturbation_gears.tsv]
+    python benchmarks/perturbation_gears.py --celleval-reference-of OUT/cell_eval
 
 The data folder (the one holding papalexi2021_eccite_sceptre/ and go_annotations_org_hs_eg_db/)
 is --data-dir, else CELLFM_DATA_DIR. Needs `pip install "cellfm[gears]"`; with cell-eval installed
@@ -10,6 +11,11 @@ is --data-dir, else CELLFM_DATA_DIR. Needs `pip install "cellfm[gears]"`; with c
 forward table and the reverse-perturbation table (Markdown, mean ± sd over seeds of the
 per-perturbation means) and writes the per-perturbation scores to --out and the reverse ones to
 --out with the suffix `.reverse.tsv`.
+
+`--celleval-reference-of DIR` (a `cell_eval` folder written by `cellfm perturb` or --celleval-dir)
+prints the levels cell-eval's scores can reach there instead: per split, the real cells scored as
+their own prediction, and the true mean profile of each perturbation put through our layout
+(control cells + shift) and through cell-eval's baseline layout (every cell = the mean).
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ import argparse
 import time
 from pathlib import Path
 
+import anndata as ad
+import numpy as np
+import pandas as pd
 import torch
 
 import cellfm
 from cellfm.evaluation.data import load_benchmark, resolve_data_dir
 from cellfm.tasks.perturbation_benchmark import evaluate_perturbation_gears, perturbation_markdown
+from cellfm.tasks.perturbation_celleval import PERT_COL, celleval_layout, celleval_scores
 from cellfm.tasks.perturbation_gears import GearsConfig
 from cellfm.tasks.perturbation_reverse import reverse_markdown
 
@@ -31,6 +41,38 @@ def _write_tsv(df, path: Path) -> None:
     tmp = path.with_name(path.name + ".tmp")
     df.to_csv(tmp, sep="\t", index=False)
     tmp.replace(path)
+
+
+def celleval_reference(folder: Path, control: str = "ctrl") -> pd.DataFrame:
+    """Mean ± sd over the `seed*/` splits in `folder` of cell-eval's scores for three references."""
+    rows = []
+    for split in sorted(folder.glob("seed*")):
+        real = ad.read_h5ad(split / "real.h5ad")
+        labels = real.obs[PERT_COL].astype(str).to_numpy()
+        perts = [p for p in pd.unique(labels) if p != control]
+        X = np.asarray(real.X.toarray() if hasattr(real.X, "toarray") else real.X, dtype=np.float32)
+        truth = pd.DataFrame(np.stack([X[labels == p].mean(0) for p in perts]), index=perts,
+                             columns=real.var_names)
+        cells = real.copy()
+        cells.obs["condition"] = labels
+        real_l, preds = celleval_layout(cells, perts, control, {"true mean, control cells + shift": truth})
+        order = np.argsort(labels != control, kind="stable")  # controls first, as our layout has them
+        const = X[order].copy()
+        for p in perts:
+            const[labels[order] == p] = truth.loc[p].to_numpy(np.float32)
+        obs = pd.DataFrame({PERT_COL: labels[order]}, index=[f"c{i}" for i in range(len(order))])
+        preds["true mean, every cell = the mean (cell-eval baseline)"] = ad.AnnData(const, obs=obs,
+                                                                                   var=real.var.copy())
+        preds["real cells (perfect)"] = real_l.copy()
+        scores = celleval_scores(real_l, preds, control)
+        scores.insert(0, "seed", split.name)
+        rows.append(scores)
+    per = pd.concat(rows, ignore_index=True)
+    cols = [c for c in per.columns if c.startswith("ce_")]
+    by_seed = per.groupby(["method", "seed"], sort=False)[cols].mean()
+    mean = by_seed.groupby(level=0, sort=False).mean()
+    sd = by_seed.groupby(level=0, sort=False).std(ddof=0).add_suffix("_sd")
+    return pd.concat([mean, sd], axis=1).reset_index()
 
 
 def main() -> None:
@@ -47,10 +89,16 @@ def main() -> None:
                    help="skip reverse perturbation")
     p.add_argument("--celleval-dir", type=Path, default=None,
                    help="also write each split's real and predicted cells in cell-eval's layout here")
+    p.add_argument("--celleval-reference-of", type=Path, default=None, metavar="CELL_EVAL_DIR",
+                   help="only print cell-eval's reference levels for the splits in this folder")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("perturbation_gears.tsv"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.celleval_reference_of is not None:
+        ref = celleval_reference(args.celleval_reference_of)
+        print(ref.set_index("method").T.round(3).to_string())
+        return
     data = resolve_data_dir(args.data)
     cfg = GearsConfig(epochs=args.epochs, hidden_size=args.hidden_size,
                       max_cells_per_condition=args.max_cells_per_condition or None)
