@@ -4,14 +4,17 @@ For each labelled data set and model, the encoder runs once over all cells (cach
 frozen mode does). Per seed, a stratified 80/20 split; on the 80 % each head setting is trained
 (validation carved from the 80 %, as `fit` does) and every method is scored by macro-F1 on the
 same 20 %:
-- official head, by setting (learning rate, epochs, class weights, validation size, smoothing),
-  scored through its token path (the official prediction), its CLS path and both averaged;
+- official head, by setting (raw or standardised encoder states, learning rate, class weights),
+  scored through its token path (the official prediction: "official forced") and its CLS path;
 - the CLS linear head (logistic regression on the training cells' CLS, minus the validation);
 - "auto" (the default): the official head if it beat the linear head on the validation cells by
   more than 0.02 macro-F1, else the linear head refitted on the whole 80 % (= logreg CLS);
 - logistic regression on the model's CLS and on 50 PCs of log counts, fitted on the whole 80 %.
 
-  python benchmarks/annotation.py --data pbmc68k pbmc3k --models cellfm-mini preset:small --seeds 0 1 2
+  OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/annotation.py --data pbmc68k pbmc3k \
+      --models cellfm-mini preset:small --seeds 0 1 2 --max-epochs 20 --csv annotation_runs.csv
+
+`--max-epochs` caps the official head's epochs (default 40, patience 5) to fit CPU time.
 """
 
 from __future__ import annotations
@@ -21,9 +24,8 @@ import time
 from dataclasses import replace
 
 import numpy as np
+import pandas as pd
 import torch
-from cellfm.tasks.baselines import pca_logistic_regression
-from cellfm.tasks.benchmark_data import BENCHMARKS, load_benchmark
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import f1_score
 from sklearn.model_selection import train_test_split
@@ -32,6 +34,8 @@ from sklearn.preprocessing import StandardScaler
 import cellfm
 from cellfm.config import PRESETS
 from cellfm.contract import setup_cells
+from cellfm.evaluation.baselines import pca_logistic_regression
+from cellfm.evaluation.data import BENCHMARKS, load_benchmark
 from cellfm.tasks.annotation import AnnotatorConfig
 from cellfm.tasks.annotation.reference import checked_labels, validation_split
 from cellfm.tasks.annotation.selection import choose_head, train_head
@@ -40,12 +44,14 @@ from cellfm.tasks.annotation.states import TokenStates
 CPU = torch.device("cpu")
 BASE = AnnotatorConfig(progress=False, device="cpu")
 SETTINGS = {  # name -> config of the official head
-    "before (val 10%, 20 ep, raw loss)": replace(BASE, val_fraction=0.1, min_val_cells=0, max_epochs=20,
-                                                 smoothing=1.0),
-    "now (val 20%>=100, 40 ep, EMA 0.5)": BASE,
-    "now, head_lr 1e-4": replace(BASE, head_lr=1e-4),
-    "now, no class weights": replace(BASE, class_weights=False),
+    "raw states (before)": replace(BASE, standardise_states=False),
+    "standardised states (now)": BASE,
+    "raw states, head_lr 1e-4": replace(BASE, standardise_states=False, head_lr=1e-4),
+    "standardised, head_lr 1e-4": replace(BASE, head_lr=1e-4),
+    "standardised, no class weights": replace(BASE, class_weights=False),
 }
+DEFAULT_SETTINGS = ["raw states (before)", "standardised states (now)"]
+COLS = ["official token", "official cls", "cls_linear", "auto", "logreg CLS", "logreg PCA"]
 
 
 def load_model(name: str) -> cellfm.CellFM:
@@ -61,19 +67,18 @@ def f1(y, pred) -> float:
 
 @torch.no_grad()
 def official_paths(head, cache: TokenStates, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """Predicted classes of `rows` by the token path, the CLS path and both (mean probability)."""
+    """Predicted classes of `rows` by the token path and the CLS path."""
     head.eval()
     tok, cls = [], []
     for a in range(0, len(rows), 128):
         states, mask = cache.batch(rows[a : a + 128], CPU)
         t, c = head(states, mask)
-        tok.append(t.softmax(-1)), cls.append(c.softmax(-1))
-    tok, cls = torch.cat(tok), torch.cat(cls)
-    both = (tok + cls).argmax(1).numpy()
-    return {"token": tok.argmax(1).numpy(), "cls": cls.argmax(1).numpy(), "both": both}
+        tok.append(t.argmax(1)), cls.append(c.argmax(1))
+    return {"token": torch.cat(tok).numpy(), "cls": torch.cat(cls).numpy()}
 
 
-def run(adata, key: str, model, seeds: list[int], log, max_cells: int | None = None) -> list[dict]:
+def run(adata, key: str, model, seeds: list[int], log, max_cells: int | None = None,
+        max_epochs: int | None = None) -> list[dict]:
     labels = checked_labels(adata, key, 5)
     keep = np.flatnonzero(labels.notna().to_numpy())
     if max_cells and len(keep) > max_cells:  # a stratified subsample, the same for every model
@@ -96,7 +101,7 @@ def run(adata, key: str, model, seeds: list[int], log, max_cells: int | None = N
             scaler.transform(cache.cls[te])))
         row["logreg PCA"] = f1(y[te], pca_logistic_regression(adata.X[tr], y[tr], adata.X[te], seed=seed))
         for name, cfg in SETTINGS.items():
-            cfg = replace(cfg, seed=seed)
+            cfg = replace(cfg, seed=seed, max_epochs=max_epochs or cfg.max_epochs)
             a, b = validation_split(y[tr], cfg.val_fraction, cfg.min_val_cells, seed)
             split = (tr[a], tr[b])
             counts = np.bincount(y[split[0]], minlength=len(classes))
@@ -128,31 +133,32 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["pbmc68k", "pbmc3k"], choices=labelled)
     ap.add_argument("--models", nargs="+", default=["cellfm-mini", "preset:small"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=DEFAULT_SETTINGS, choices=list(SETTINGS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-cells", type=int, default=None, help="stratified subsample (CPU time)")
+    ap.add_argument("--max-epochs", type=int, default=None, help="cap on the official head's epochs")
+    ap.add_argument("--csv", default=None, help="write every run (one row per seed and setting) here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     for name in list(SETTINGS):
         if name not in args.settings:
             del SETTINGS[name]
-    cols = ["official token", "official cls", "official both", "cls_linear", "auto", "logreg CLS",
-            "logreg PCA"]
     results = []
     for data in args.data:
         adata = load_benchmark(data)
         for m in args.models:
             print(f"{data} / {m}", flush=True)
             for r in run(adata, BENCHMARKS[data].label_key, load_model(m), args.seeds,
-                         lambda s: print(s, flush=True), args.max_cells):
+                         lambda s: print(s, flush=True), args.max_cells, args.max_epochs):
                 results.append({"data": data, "model": m, **r})
-    import pandas as pd
 
     df = pd.DataFrame(results)
-    mean = df.groupby(["data", "model", "setting"], sort=False)[cols].agg(["mean", "std"])
+    if args.csv:
+        df.to_csv(args.csv, index=False)
+    mean = df.groupby(["data", "model", "setting"], sort=False)[COLS].agg(["mean", "std"])
     print("\nmacro-F1 on the held-out 20 % (mean +- sd over seeds " + ", ".join(map(str, args.seeds)) + ")")
     table = pd.DataFrame({c: mean[(c, "mean")].map("{:.3f}".format) + " +- " + mean[(c, "std")].map(
-        "{:.3f}".format) for c in cols})
+        "{:.3f}".format) for c in COLS})
     print(table.to_string())
     print("\nauto kept:", df.groupby(["data", "model", "setting"], sort=False)["auto kept"].agg(
         lambda s: dict(s.value_counts())).to_string())
