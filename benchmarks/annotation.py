@@ -20,6 +20,7 @@ same 20 %:
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 from dataclasses import replace
 
@@ -127,7 +128,8 @@ def run(adata, key: str, model, seeds: list[int], log, max_cells: int | None = N
     return rows
 
 
-def unknown_share(adata, key: str, model, seeds: list[int], log, max_epochs: int | None = None) -> list[dict]:
+def unknown_share(adata, key: str, model, seeds: list[int], log, max_epochs: int | None = None,
+                  head: str = "auto") -> list[dict]:
     """End to end (`fit` on 80 %, `predict` the other 20 %): the share of held-out cells, from the
     reference's own distribution, that the default annotator calls unknown (target <= 5 %)."""
     labels = checked_labels(adata, key, 5)
@@ -137,7 +139,8 @@ def unknown_share(adata, key: str, model, seeds: list[int], log, max_epochs: int
     for seed in seeds:
         tr, te = train_test_split(keep, test_size=0.2, stratify=y, random_state=seed)
         ref, query = adata[np.sort(tr)].copy(), adata[np.sort(te)].copy()
-        ann = CellTypeAnnotator(model, replace(BASE, seed=seed, max_epochs=max_epochs)).fit(ref, key)
+        cfg = replace(BASE, seed=seed, max_epochs=max_epochs, head=head)
+        ann = CellTypeAnnotator(model, cfg).fit(ref, key)
         ann.predict(query)
         uns = query.uns["cellfm_annotation"]
         closed = query.obs["cellfm_label_closed_set"].astype(str).to_numpy()
@@ -164,7 +167,10 @@ def main() -> None:
     ap.add_argument("--csv", default=None, help="write every run (one row per seed and setting) here")
     ap.add_argument("--unknown-share", action="store_true",
                     help="instead: fit / predict end to end and report the held-out unknown share")
+    ap.add_argument("--head", default="auto", help="the annotator's head with --unknown-share")
     args = ap.parse_args()
+    logging.basicConfig(format="%(asctime)s %(name)s %(message)s", level=logging.WARNING)
+    logging.getLogger("cellfm.tasks.annotation").setLevel(logging.INFO)  # every epoch, and why it stopped
     torch.set_num_threads(args.threads)
     for name in list(SETTINGS):
         if name not in args.settings:
@@ -176,7 +182,7 @@ def main() -> None:
                 print(f"{data} / {m}: unknown share of held-out cells", flush=True)
                 out += [{"data": data, "model": m, **r} for r in unknown_share(
                     load_benchmark(data), BENCHMARKS[data].label_key, load_model(m), args.seeds,
-                    lambda s: print(s, flush=True), args.max_epochs)]
+                    lambda s: print(s, flush=True), args.max_epochs, args.head)]
         df = pd.DataFrame(out)
         print(df.groupby(["data", "model"])[[c for c in df.columns if df[c].dtype == float]].agg(
             ["mean", "std", "max"]).round(3).T.to_string())

@@ -45,7 +45,9 @@ class AnnotatorConfig:
         reads raw states, as it was trained.
     threshold, max_rejected
         Requested minimum confidence, lowered at fit only as far as needed for the rejection rule
-        to call at most `max_rejected` of the held-out reference cells "unknown".
+        to call at most `max_rejected` of a query from the reference's own distribution "unknown"
+        (the held-out reference cells are held to a lower share with that 95 % upper bound:
+        `open_set.calibration_target`).
     device
         None: CUDA when available, else CPU.
     """
