@@ -130,11 +130,12 @@ def annotation_section(ctx: RunContext) -> SectionResult:
         + "\n\n"
         + "\n".join(text)
         + "\n\nCross-data-set rows (`pbmc3k → ...`): the annotator and both baselines fitted on all "
-        "pbmc3k cells, scored on the other data set's cells. Labels are mapped to five coarse types (B, "
-        "CD4 T, CD8 T, NK cell, mononuclear phagocyte) by a hand-made label → Cell Ontology term table "
-        "and the ontology's ancestors (`cellfm.tasks.annotation.cross_dataset`); platelets and CD34+ "
-        "cells have no coarse type and are left out. The PCA baseline uses the genes both data sets "
-        "measure (pbmc68k: 765 genes). A different protocol or panel can raise the unknown share: "
+        "pbmc3k cells, scored on the other data set's cells. Labels are mapped to five coarse types "
+        "(B, CD4 T, CD8 T, NK cell, mononuclear phagocyte) by a hand-made label → Cell Ontology term "
+        "table and the ontology's ancestors (`cellfm.tasks.annotation.cross_dataset`); platelets and "
+        "CD34+ cells have no coarse type and are left out. The PCA baseline uses the genes both data "
+        "sets measure (of pbmc3k's 2,000 HVGs: 1,957 with pbmc4k, 268 with pbmc68k). A different "
+        "protocol or panel can raise the unknown share: "
         "see docs/annotation.md.\n\n"
         + "\n".join(cross_text)
         + "\n\n"
