@@ -38,9 +38,16 @@ class AnnotatorConfig:
         Early stopping watches an exponential moving average of the validation loss with this
         weight on the newest epoch (1.0: the raw loss), so one noisy epoch neither stops training
         nor is kept as "best".
+    standardise_states
+        The official head trained here reads the encoder states standardised per feature (means and
+        sds of the training cells' CLS and gene tokens, kept with the head), as the CLS heads do;
+        False: the raw states. A checkpoint of the authors (`annotator_from_official`) always
+        reads raw states, as it was trained.
     threshold, max_rejected
         Requested minimum confidence, lowered at fit only as far as needed for the rejection rule
-        to call at most `max_rejected` of the held-out reference cells "unknown".
+        to call at most `max_rejected` of a query from the reference's own distribution "unknown"
+        (the held-out reference cells are held to a lower share with that 95 % upper bound:
+        `open_set.calibration_target`).
     device
         None: CUDA when available, else CPU.
     """
@@ -58,6 +65,7 @@ class AnnotatorConfig:
     head_lr: float = 1e-3
     lora_rank: int = 8
     class_weights: bool = True
+    standardise_states: bool = True
     min_cells_per_class: int = 5
     threshold: float = 0.5
     max_rejected: float = 0.05

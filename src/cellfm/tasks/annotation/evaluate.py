@@ -79,6 +79,21 @@ def _counts(adata: ad.AnnData, layer: str | None, use_raw: bool):
     return adata.raw.X if use_raw else (adata.X if layer is None else adata.layers[layer])
 
 
+def _shared_genes(ref: ad.AnnData, query: ad.AnnData, use_raw: bool) -> tuple[ad.AnnData, ad.AnnData]:
+    """Both restricted to the genes both measure, in the reference's order (PCA needs one gene
+    space); unchanged when the gene lists already agree."""
+    genes = [(a.raw.var_names if use_raw else a.var_names) for a in (ref, query)]
+    if genes[0].equals(genes[1]):
+        return ref, query
+    shared = genes[0][genes[0].isin(genes[1])]
+    if len(shared) == 0:
+        raise ValueError("reference and query share no gene name: the PCA baseline needs common genes")
+    if use_raw:
+        var = pd.DataFrame(index=shared)
+        return tuple(ad.AnnData(a.raw[:, shared].X, obs=a.obs, var=var) for a in (ref, query))
+    return ref[:, shared], query[:, shared]
+
+
 def compare_on_query(
     ann: CellTypeAnnotator,
     reference: ad.AnnData,
@@ -102,7 +117,8 @@ def compare_on_query(
     closed = query.obs[f"{key_added}_label_closed_set"].astype(str).to_numpy()[q]
     name = f"CellFM annotator ({ann.settings.get('head', '')})"
     rows = [{"method": name, **annotator_scores(y, label, closed)}]
-    pca = pca_logistic_regression(_counts(ref, layer, use_raw), y_ref, _counts(query[q], layer, use_raw),
+    ref_pca, query_pca = _shared_genes(ref, query[q], use_raw)
+    pca = pca_logistic_regression(_counts(ref_pca, layer, use_raw), y_ref, _counts(query_pca, layer, use_raw),
                                   seed=ann.config.seed)
     cls = cls_logistic_regression(ann.encoder, ref, y_ref, query[q], ann.config.seed, layer=layer,
                                   use_raw=use_raw)

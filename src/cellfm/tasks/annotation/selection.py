@@ -17,7 +17,7 @@ from cellfm.config import ModelConfig
 from cellfm.model.annotation_head import AnnotationHead
 from cellfm.model.cls_heads import ClsLinearHead
 from cellfm.tasks.annotation.config import AnnotatorConfig
-from cellfm.tasks.annotation.heads import fit_linear_head, new_head
+from cellfm.tasks.annotation.heads import StandardisedStates, fit_linear_head, new_head
 from cellfm.tasks.annotation.states import TokenStates
 from cellfm.tasks.annotation.training import evaluate_cached, frozen_epoch_fn, train_with_early_stopping
 
@@ -59,6 +59,9 @@ def train_head(
                       "best_epoch": 0, "best_val_loss": float("nan"),
                       "reason": "fitted by logistic regression (L-BFGS) on the training cells' CLS"}
     head.prepare(torch.from_numpy(cache.cls[train_idx]))
+    if head.reads_tokens and config.standardise_states:
+        head = StandardisedStates(head, model_config.d_model)
+        head.set_statistics(*cache.feature_stats(train_idx))
     head.to(device)
     # the CLS-only head is cheap per cell: larger batches settle faster
     batch_size = config.batch_size if head.reads_tokens else max(config.batch_size, 64)

@@ -120,6 +120,21 @@ class TokenStates:
         mask = np.arange(L)[None, :] < lens[:, None]
         return torch.from_numpy(states).to(device), torch.from_numpy(mask).to(device)
 
+    def feature_stats(self, rows: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, ...]:
+        """(CLS mean, CLS sd, token mean, token sd), each (D,) float32, over the cells `rows` (the
+        training cells): per-feature statistics of the two kinds of state, accumulated in float64."""
+        cls = self.cls[rows].astype(np.float64)
+        d = cls.shape[1]
+        s, ss, n = np.zeros(d), np.zeros(d), 0
+        for a in range(0, len(rows), chunk):
+            parts = [self.tokens[self.offsets[r] : self.offsets[r + 1]] for r in rows[a : a + chunk]]
+            t = np.concatenate(parts).astype(np.float64) if parts else np.zeros((0, d))
+            s, ss, n = s + t.sum(0), ss + (t * t).sum(0), n + len(t)
+        t_mean = s / max(n, 1)
+        t_sd = np.sqrt(np.maximum(ss / max(n, 1) - t_mean**2, 0.0))
+        out = (cls.mean(0), cls.std(0), t_mean, t_sd if n else np.ones(d))
+        return tuple(np.asarray(x, np.float32) for x in out)
+
     def length_batches(self, rows: np.ndarray, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
         """Shuffled batches of cells of similar length (little padding): shuffle, sort within
         pools of 50 batches by length, cut, shuffle the batches."""
