@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import anndata as ad
@@ -301,6 +302,11 @@ class CellTypeAnnotator:
         cells = setup_cells(adata, self.encoder, empty="zero", seed=self.config.seed, **read)
         genes = set(cells.mapping.names[cells.mapping.token_ids > 0].astype(str))
         shared = len(genes & set(self.reference_genes))
+        if self.reference_genes:  # read the query through the reference's genes: a query measuring
+            # more genes (a whole transcriptome against a reference of 2,000 HVGs) would otherwise
+            # land far from every reference type and be called unknown
+            keep = np.isin(cells.mapping.names.astype(str), self.reference_genes)
+            cells.mapping = replace(cells.mapping, token_ids=np.where(keep, cells.mapping.token_ids, 0))
         if shared == 0 and self.reference_genes:
             raise ValueError(
                 f"none of the {len(self.reference_genes)} reference genes is in the query (query genes e.g. "
