@@ -5,6 +5,7 @@ torch or anndata.
 """
 
 from cellfm.config import PRESETS, ModelConfig, get_preset
+from cellfm.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,15 +18,7 @@ _LAZY = {
     "get_gene_embeddings": "cellfm.embedding.memory",
     "setup_cells": "cellfm.contract.setup",
 }
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'cellfm' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _LAZY)
 
 __all__ = ["CellBatch", "CellFM", "ModelConfig", "PRESETS", "get_preset", "load", "embed", "embed_file",
            "get_gene_embeddings", "setup_cells"]

@@ -6,7 +6,7 @@ Names are resolved on first use, so that importing one submodule (the corpus rea
 
 from __future__ import annotations
 
-import importlib
+from cellfm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "CellInput": "cellfm.contract.setup",
@@ -17,12 +17,6 @@ _EXPORTS = {
     "UNLABELLED": "cellfm.contract.labels",
     "is_unlabelled": "cellfm.contract.labels",
 }
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cellfm.contract' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -25,6 +25,7 @@ from cellfm.batch import CellBatch
 from cellfm.contract.counts import raw_count_problem
 from cellfm.corpus.builder import MIN_MATCHED_FRACTION, _gene_columns
 from cellfm.corpus.dataset import tokenize_batch
+from cellfm.corpus.loader import CorpusLoader
 from cellfm.corpus.shards import split_hash
 from cellfm.corpus.soma import INSTALL_HINT, SomaQuery, open_experiment, select_cells
 from cellfm.corpus.vocabulary_link import load_vocabulary
@@ -152,12 +153,12 @@ class SomaStreamDataset(IterableDataset):
                               hide_fraction=self.hide_fraction)
 
 
-class SomaStreamLoader:
-    """`experiment_dataloader` over a `SomaStreamDataset`; resumable mid-epoch like `CorpusLoader`."""
+class SomaStreamLoader(CorpusLoader):
+    """`experiment_dataloader` over a `SomaStreamDataset`; resumable mid-epoch as `CorpusLoader`
+    (whose epoch and state methods it shares)."""
 
     def __init__(self, dataset: SomaStreamDataset, num_workers: int = 0) -> None:
-        self.dataset, self.num_workers = dataset, num_workers
-        self.consumed = dataset.start_batch
+        super().__init__(dataset, num_workers=num_workers)
 
     def __len__(self) -> int:
         return self.dataset.batches_per_rank - self.dataset.start_batch
@@ -175,14 +176,3 @@ class SomaStreamLoader:
             self.consumed += 1
             if batch is not None:
                 yield batch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        self.consumed = 0
-
-    def state_dict(self) -> dict:
-        return self.dataset.state_dict(batches_consumed=self.consumed)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dataset.load_state_dict(state)
-        self.consumed = self.dataset.start_batch

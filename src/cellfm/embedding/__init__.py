@@ -7,7 +7,7 @@ import `cellfm.cellfm`, so this package imports none of them eagerly."""
 
 from __future__ import annotations
 
-import importlib
+from cellfm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "embed": "cellfm.embedding.memory",
@@ -16,12 +16,6 @@ _EXPORTS = {
     "default_batch_size": "cellfm.embedding.engine",
     "resolve_device": "cellfm.embedding.engine",
 }
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cellfm.embedding' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,7 @@ Imports are lazy so that `import cellfm.tasks` stays cheap.
 
 from __future__ import annotations
 
-import importlib
+from cellfm.lazy_exports import lazy_exports
 
 _EXPORTS = {
     "CellTypeAnnotator": "cellfm.tasks.annotation",
@@ -30,12 +30,6 @@ _EXPORTS = {
     "coannotation_enrichment": "cellfm.tasks.gene_network",
     "evaluate_gene_network": "cellfm.tasks.gene_network",
 }
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'cellfm.tasks' has no attribute {name!r}")
-
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = sorted(_EXPORTS)
