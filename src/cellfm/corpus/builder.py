@@ -30,6 +30,7 @@ from cellfm.corpus.manifest import MANIFEST_NAME, REPORT_COLUMNS, CorpusManifest
 from cellfm.corpus.shards import CellRows, ShardWriter
 from cellfm.corpus.vocabulary_link import describe_vocabulary, load_vocabulary, token_ids_for
 from cellfm.io.readers import CountSource, open_source
+from cellfm.progress import progress_iter
 from cellfm.tokenizer import scale_library
 
 MIN_MATCHED_FRACTION = 0.1  # fewer matched identifiers than this: not human / unknown ids
@@ -106,7 +107,7 @@ def build_corpus(
 
     results = []
     if workers <= 1 or len(todo) <= 1:
-        for path in _progress(todo, progress):
+        for path in progress_iter(todo, "corpus inputs", unit="file", enabled=progress):
             results.append(_process_input(path, out, opts))
     else:
         # spawn, not fork: a forked worker of a process that already runs threads (torch, tiledbsoma)
@@ -114,7 +115,8 @@ def build_corpus(
         spawn = get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=spawn) as pool:
             futs = {pool.submit(_process_input, path, out, opts): path for path in todo}
-            for f in _progress(as_completed(futs), progress, total=len(futs)):
+            done = as_completed(futs)
+            for f in progress_iter(done, "corpus inputs", unit="file", total=len(futs), enabled=progress):
                 try:
                     results.append(f.result())
                 except Exception as e:  # noqa: BLE001 — a crashed worker (e.g. a segfault in a reader)
@@ -191,14 +193,6 @@ def drop_input(manifest: CorpusManifest, out: Path, key: str) -> None:
         (out / s.file).unlink(missing_ok=True)
     manifest.shards = [s for s in manifest.shards if s.source != key]
     del manifest.inputs[key]
-
-
-def _progress(it, on: bool, total: int | None = None):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, total=total, desc="corpus inputs", unit="file")
 
 
 def empty_report(path: Path) -> dict:

@@ -5,13 +5,13 @@ and which inputs produced it, so a re-run adds only new inputs and a loader can 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from cellfm.corpus.shards import file_sha256
+from cellfm.io.write import write_text
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -58,10 +58,7 @@ class CorpusManifest:
 
     def save(self, folder: Path) -> None:
         """Atomic write (temporary file + rename), so readers never see half a manifest."""
-        folder = Path(folder)
-        tmp = folder / f".{MANIFEST_NAME}.tmp"
-        tmp.write_text(json.dumps(self.to_json(), indent=1))
-        os.replace(tmp, folder / MANIFEST_NAME)
+        write_text(Path(folder) / MANIFEST_NAME, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, folder: Path) -> CorpusManifest:

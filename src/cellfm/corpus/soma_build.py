@@ -11,7 +11,6 @@ without a record, whatever the moment of the kill. Parts run in parallel process
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
@@ -33,6 +32,8 @@ from cellfm.corpus.manifest import CorpusManifest, ShardInfo
 from cellfm.corpus.shards import ShardWriter
 from cellfm.corpus.soma import SomaQuery, SomaSelection, part_source, select_cells
 from cellfm.io.readers import CountSource
+from cellfm.io.write import write_text
+from cellfm.progress import progress_iter
 
 PARTS_DIR = ".soma_parts"
 _COUNTERS = ("cells_read", "cells_kept", "dropped_too_few_genes", "dropped_too_many_genes", "dropped_empty")
@@ -94,14 +95,14 @@ def build_corpus_from_soma(
              parts_dir, fingerprint) for k in todo]
     errors = []
     if workers <= 1 or len(jobs) <= 1:
-        for job in _progress(jobs, progress):
+        for job in progress_iter(jobs, "corpus parts", unit="part", enabled=progress):
             errors.append(_build_part(*job))
     else:
         # spawn, not fork: a forked child inherits TileDB's thread pool locks and can hang
         spawn = get_context("spawn")
         with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=spawn) as pool:
             futs = [pool.submit(_build_part, *job) for job in jobs]
-            errors += [f.result() for f in _progress(futs, progress)]
+            errors += [f.result() for f in progress_iter(futs, "corpus parts", unit="part", enabled=progress)]
     errors = [e for e in errors if e]
     records = [_record(parts_dir, k, fingerprint) for k in range(len(bounds) - 1)]
     for r in records:
@@ -165,16 +166,6 @@ def _build_part(part: SomaSelection, k: int, a: int, out: Path, opts: BuildOptio
     except Exception as err:  # noqa: BLE001 — reported as the query's reason, like a bad file
         writer.abort()
         return f"cells {a}..{b}: {type(err).__name__}: {err}"
-    tmp = parts_dir / f".part_{k:05d}.json.tmp"
     record = {"fingerprint": fingerprint, "cells": [a, b], "shards": shards, "report": report}
-    tmp.write_text(json.dumps(record))
-    os.replace(tmp, parts_dir / f"part_{k:05d}.json")
+    write_text(parts_dir / f"part_{k:05d}.json", json.dumps(record))  # atomic: a record means done
     return ""
-
-
-def _progress(it, on: bool):
-    if not on:
-        return it
-    from tqdm.auto import tqdm
-
-    return tqdm(it, desc="corpus parts", unit="part")
