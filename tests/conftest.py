@@ -45,3 +45,37 @@ def model_dir(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     return cellfm.CellFM.from_preset("tiny").save(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A random `tiny` CellFM (seed 0), for tests of the workflows around the model."""
+    import torch
+
+    import cellfm
+
+    torch.manual_seed(0)
+    return cellfm.CellFM.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests (on a shared 2-core machine OpenMP
+    hand-offs dominate their matmuls); the thread count is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def corpus(shared_data, tmp_path_factory) -> Path:
+    """A pretraining corpus of the real pbmc68k_reduced cells (3 shards)."""
+    from cellfm.corpus import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus([shared_data / "pbmc68k_reduced_scanpy" / "pbmc68k_reduced_counts.h5ad"], out,
+                 workers=1, shard_cells=300, progress=False)
+    return out

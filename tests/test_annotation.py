@@ -15,7 +15,6 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-import cellfm
 from cellfm.checkpoints import load_official_annotation
 from cellfm.cli.annotate import annotate_app
 from cellfm.contract import setup_cells
@@ -40,18 +39,7 @@ from cellfm.tasks.annotation.states import TokenStates
 LABEL = "classified"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # on a shared 2-core machine OpenMP hand-offs dominate tiny matmuls
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

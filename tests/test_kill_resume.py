@@ -75,16 +75,6 @@ def _cli(argv: list[str]) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
 
 
-@pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory) -> Path:
-    from cellfm.corpus import build_corpus
-
-    out = tmp_path_factory.mktemp("corpus")
-    build_corpus([shared_data / "pbmc68k_reduced_scanpy" / "pbmc68k_reduced_counts.h5ad"], out,
-                 workers=1, shard_cells=300, progress=False)
-    return out
-
-
 def _config(path: Path, corpus: Path, out: Path) -> Path:
     cfg = dict(corpus_dir=str(corpus), out_dir=str(out), preset="tiny", batch_size=16, max_steps=12, lr=2e-3,
                start_lr=1e-5, min_lr=1e-4, warmup_steps=2, eval_every=100, eval_batches=1, ckpt_every=4,

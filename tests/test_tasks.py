@@ -15,24 +15,10 @@ import pandas as pd
 import pytest
 import torch
 
-import cellfm
 from cellfm.extras import installed_version
 from cellfm.tasks import integration_metrics
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a shared 2-core machine OpenMP hand-offs dominate tiny-model matmuls
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
-    return cellfm.CellFM.from_preset("tiny")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _slice(adata, key, n, seed=0):

@@ -23,16 +23,6 @@ from cellfm.training.optim import clip_gradients, param_groups
 STEPS = 24
 
 
-@pytest.fixture(scope="module")
-def corpus(shared_data, tmp_path_factory) -> Path:
-    from cellfm.corpus import build_corpus
-
-    out = tmp_path_factory.mktemp("corpus")
-    build_corpus([shared_data / "pbmc68k_reduced_scanpy" / "pbmc68k_reduced_counts.h5ad"], out,
-                 workers=1, shard_cells=300, progress=False)
-    return out
-
-
 def _config(corpus: Path, out: Path, **kw) -> TrainConfig:
     base = dict(corpus_dir=str(corpus), out_dir=str(out), preset="tiny", batch_size=16, max_steps=STEPS,
                 lr=2e-3, start_lr=1e-5, min_lr=1e-4, warmup_steps=4, eval_every=12, eval_batches=2,
